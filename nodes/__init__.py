@@ -1,0 +1,19 @@
+"""ComfyUI node classes of the Memento pack (V3 API).
+
+Importing this package needs a running ComfyUI (it imports ``comfy_api.latest`` and ``folder_paths``);
+the pack's ``comfy_entrypoint`` imports it lazily.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .dit_nodes import NODES as DIT_NODES
+
+
+def all_nodes() -> list[type[io.ComfyNode]]:
+    """Every node class the pack registers, in menu order."""
+    return [*DIT_NODES]
+
+
+__all__ = ["all_nodes"]
