@@ -5,7 +5,25 @@ Never imports ComfyUI. The public API (SPEC section 8) is re-exported here.
 
 from .dit import DiTConfig, WanDiT
 from .errors import CheckpointError, MementoError, ShapeError
+from .expert import load_memento_expert
+from .keyframe_query import KeyframeQuery
 from .loading import load_dit
+from .memory import MemoryBank, MemoryFrame, Selection, load_bank, save_bank
 from .sampling import sample
 
-__all__ = ["CheckpointError", "DiTConfig", "MementoError", "ShapeError", "WanDiT", "load_dit", "sample"]
+__all__ = [
+    "CheckpointError",
+    "DiTConfig",
+    "KeyframeQuery",
+    "MementoError",
+    "MemoryBank",
+    "MemoryFrame",
+    "Selection",
+    "ShapeError",
+    "WanDiT",
+    "load_bank",
+    "load_dit",
+    "load_memento_expert",
+    "sample",
+    "save_bank",
+]

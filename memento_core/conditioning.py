@@ -1,0 +1,169 @@
+"""Building one memory-to-video shot: the conditioning ``y``, the frame positions and the segments.
+
+Latent layout along time (SPEC 4.1): ``[identity (0|1) | memory (M) | target (21)]``.
+Conditioning ``y`` = 4 mask channels + 16 condition-latent channels, per slot (SPEC 4.2):
+
+============  ==========================================  ==========================================
+slot          mask (all 4 channels)                       condition latent
+============  ==========================================  ==========================================
+identity      0                                           VAE encode of one mid-gray frame
+memory        1                                           the clean memory latent
+target        1 on latent 0 (MI2V) or 0 and 1 (MM2V),     VAE encode of [first frame(s), zeros] when
+              else 0 (hard cut)                           continuing, else of 81 zero frames
+============  ==========================================  ==========================================
+
+The pixel-space clips to encode are built here too (``condition_clip``, ``identity_image``); the VAE
+itself stays behind the adapters' protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .errors import ShapeError
+
+__all__ = [
+    "MOTION_FRAMES",
+    "ShotCondition",
+    "ShotMode",
+    "build_shot",
+    "condition_clip",
+    "identity_image",
+    "latent_frames",
+    "target_mask",
+]
+
+ShotMode = Literal["cut", "mi2v", "mm2v"]
+PositionScheme = Literal["memento", "storymem", "sequential"]
+#: StoryMem's MM2V continues from this many motion frames (latent frames 0 and 1).
+MOTION_FRAMES = 5
+_MODES = ("cut", "mi2v", "mm2v")
+
+
+def latent_frames(pixel_frames: int) -> int:
+    """Latent frames of a ``4n+1``-frame clip under the Wan VAE (81 -> 21). Rejects other counts."""
+    if pixel_frames < 1 or (pixel_frames - 1) % 4:
+        raise ShapeError(f"frames: expected a count of the form 4n+1 (e.g. 81), got {pixel_frames}")
+    return 1 + (pixel_frames - 1) // 4
+
+
+def target_mask(n_target: int, mode: ShotMode) -> Tensor:
+    """Mask of the target slot, [4, n_target] float32: 1 on latents given by the condition clip."""
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    mask = torch.zeros(4, n_target)
+    given = {"cut": 0, "mi2v": 1, "mm2v": 2}[mode]
+    mask[:, : min(given, n_target)] = 1.0
+    return mask
+
+
+def condition_clip(mode: ShotMode, frames: Tensor | None, n_frames: int, height: int, width: int) -> Tensor:
+    """The pixel clip whose VAE encoding is the target's condition latent, [3, n_frames, H, W] in [-1, 1].
+
+    cut: all zeros; mi2v: ``frames`` [3, 1, H, W] (the previous shot's last frame) then zeros;
+    mm2v: ``frames`` [3, 5, H, W] (its last five frames) then zeros.
+    """
+    latent_frames(n_frames)
+    clip = torch.zeros(3, n_frames, height, width)
+    if mode == "cut":
+        return clip
+    need = 1 if mode == "mi2v" else MOTION_FRAMES
+    if frames is None or frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] != need:
+        got = None if frames is None else list(frames.shape)
+        raise ShapeError(f"{mode}: expected {need} frame(s) [3, {need}, {height}, {width}], got {got}")
+    if tuple(frames.shape[2:]) != (height, width):
+        raise ShapeError(
+            f"{mode}: the continuation frame is {tuple(frames.shape[2:])} but the shot is {(height, width)}"
+        )
+    clip[:, :need] = frames.float()
+    return clip
+
+
+def identity_image(height: int, width: int) -> Tensor:
+    """One mid-gray frame (0 in [-1, 1]), [3, 1, H, W]: encoded, it conditions the identity slot."""
+    return torch.zeros(3, 1, height, width)
+
+
+@dataclass(frozen=True)
+class ShotCondition:
+    """Everything one expert needs for a shot, besides noise and text.
+
+    y: [20, F, h, w] (mask + condition latent); frame_pos: LongTensor [F]; memory: clean memory latents
+    [16, M, h, w] (re-noised into x every step by Memento); F = n_identity + n_memory + n_target.
+    """
+
+    y: Tensor
+    frame_pos: Tensor
+    memory: Tensor
+    n_identity: int
+    n_memory: int
+    n_target: int
+
+    @property
+    def frames(self) -> int:
+        return self.n_identity + self.n_memory + self.n_target
+
+    @property
+    def memory_slice(self) -> slice:
+        return slice(self.n_identity, self.n_identity + self.n_memory)
+
+    @property
+    def target_slice(self) -> slice:
+        return slice(self.n_identity + self.n_memory, self.frames)
+
+
+def build_shot(
+    memory: Tensor,
+    frame_pos: Tensor,
+    target_condition: Tensor,
+    mode: ShotMode,
+    identity_condition: Tensor | None = None,
+) -> ShotCondition:
+    """Assemble ``y`` for ``[identity | memory | target]``.
+
+    memory: [16, M, h, w] clean memory latents (M may be 0); frame_pos: LongTensor
+    [n_identity + M + n_target] from ``memory.frame_positions``; target_condition: [16, T, h, w] the
+    encoded ``condition_clip``; identity_condition: [16, 1, h, w] the encoded ``identity_image`` or
+    None for no identity slot.
+    """
+    if target_condition.ndim != 4 or target_condition.shape[0] != 16:
+        raise ShapeError(f"target condition: expected [16, T, h, w], got {list(target_condition.shape)}")
+    size = tuple(target_condition.shape[2:])
+    if memory.ndim != 4 or memory.shape[0] != 16:
+        raise ShapeError(f"memory: expected [16, M, h, w] latents, got {list(memory.shape)}")
+    if memory.shape[1] and tuple(memory.shape[2:]) != size:
+        raise ShapeError(
+            f"memory latents are {tuple(memory.shape[2:])} but the shot's latents are {size}: the memory "
+            "bank was made at another resolution"
+        )
+    n_id = 0 if identity_condition is None else 1
+    if identity_condition is not None and tuple(identity_condition.shape) != (16, 1, *size):
+        raise ShapeError(f"identity condition: expected [16, 1, {size[0]}, {size[1]}]")
+    n_mem, n_target = memory.shape[1], target_condition.shape[1]
+    total = n_id + n_mem + n_target
+    if frame_pos.shape != (total,):
+        raise ShapeError(f"frame_pos: expected {total} positions, got {list(frame_pos.shape)}")
+
+    masks, latents = [], []
+    if identity_condition is not None:
+        masks.append(torch.zeros(4, 1))
+        latents.append(identity_condition.float())
+    masks.append(torch.ones(4, n_mem))
+    latents.append(memory.float())
+    masks.append(target_mask(n_target, mode))
+    latents.append(target_condition.float())
+    device = target_condition.device
+    mask = torch.cat(masks, 1).to(device)[:, :, None, None].expand(4, total, *size)
+    y = torch.cat([mask, torch.cat([t.to(device) for t in latents], 1)], 0)
+    return ShotCondition(
+        y=y,
+        frame_pos=frame_pos.long(),
+        memory=memory.float(),
+        n_identity=n_id,
+        n_memory=n_mem,
+        n_target=n_target,
+    )
