@@ -185,11 +185,14 @@ def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with qk RMSNorm and 3D RoPE; split into SA1/SA2 when an identity slot exists."""
+class AttentionLayout(nn.Module):
+    """Wan's attention parameters: ``q, k, v, o`` (Linear dim -> dim) and ``norm_q``, ``norm_k``
+    (RMSNorm over the whole width). Shared by self-, cross- and KeyframeQuery attention."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
@@ -197,6 +200,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class SelfAttention(AttentionLayout):
+    """Self-attention with qk RMSNorm and 3D RoPE; split into SA1/SA2 when an identity slot exists."""
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], segments: Segments) -> Tensor:
         """x: [B, L, dim] (weight dtype) -> [B, L, dim]."""
@@ -225,18 +232,8 @@ def _split_attention(q: Tensor, k: Tensor, v: Tensor, n_id: int, n_mem: int) -> 
     return torch.cat([sa1[:, :n_id], memory, sa2[:, n_mem:]], dim=1)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(AttentionLayout):
     """Text cross-attention (no RoPE, no mask: all 512 padded positions are attended)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     def _attend(self, q: Tensor, context: Tensor) -> Tensor:
         b = context.shape[0]

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .dit import RMSNorm, _attention, apply_rope, rope_cos_sin
+from .dit import AttentionLayout, _attention, apply_rope, rope_cos_sin
 from .errors import CheckpointError, ShapeError
+from .loading import strip_prefixes
 
 __all__ = [
     "KFQ_PREFIX",
@@ -159,7 +160,7 @@ def _linear32(layer: nn.Linear, x: Tensor) -> Tensor:
 # Modules
 
 
-class QueryAttention(nn.Module):
+class QueryAttention(AttentionLayout):
     """Cross-attention of a few queries onto a context, with Wan's ``WanCrossAttention`` layout.
 
     Parameters ``q, k, v, o`` (Linear dim -> dim with bias) and ``norm_q``, ``norm_k`` (RMSNorm over
@@ -168,16 +169,7 @@ class QueryAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"QueryAttention: dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        super().__init__(dim, num_heads, eps)
 
     def heads(self, x: Tensor) -> Tensor:
         """[B, L, dim] -> [B, L, heads, head_dim]."""
@@ -364,12 +356,7 @@ class KeyframeQuery(nn.Module):
 
 def _strip_key(key: str) -> str:
     """Remove leading training / PEFT / ComfyUI prefixes, then ``keyframe_query.``."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _LEADING_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
+    key = strip_prefixes(key, _LEADING_PREFIXES)
     return key[len(KFQ_PREFIX) :] if key.startswith(KFQ_PREFIX) else key
 
 

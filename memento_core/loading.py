@@ -19,7 +19,15 @@ import torch
 from .dit import DiTConfig, WanDiT
 from .errors import CheckpointError
 
-__all__ = ["CheckpointIndex", "TensorInfo", "infer_config", "load_dit", "load_state_dict", "open_checkpoint"]
+__all__ = [
+    "CheckpointIndex",
+    "TensorInfo",
+    "infer_config",
+    "load_dit",
+    "load_state_dict",
+    "open_checkpoint",
+    "strip_prefixes",
+]
 
 PathLike = str | os.PathLike
 #: Key prefixes put in front of the official names by ComfyUI and other tools.
@@ -32,6 +40,17 @@ IGNORED_KEYS = ("scaled_fp8",)
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def strip_prefixes(key: str, prefixes: Sequence[str]) -> str:
+    """Remove any of ``prefixes`` from the front of ``key``, repeatedly and in any order."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix) :], True
+    return key
 
 
 def _strip_prefix(key: str) -> str:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CheckpointError
-from .loading import open_checkpoint
+from .loading import open_checkpoint, strip_prefixes
 
 __all__ = [
     "LoraEntry",
@@ -260,13 +260,7 @@ def _default_rule(layout: str, has_alpha_keys: bool) -> ScaleRule:
 
 def strip_wrapper_prefixes(key: str) -> str:
     """Remove every wrapper prefix of :data:`WRAPPER_PREFIXES`, in any order and repeated."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix) :], True
-    return key
+    return strip_prefixes(key, WRAPPER_PREFIXES)
 
 
 def _unkohya(name: str) -> str:
