@@ -21,7 +21,9 @@ format: setup
 	$(PY) -m ruff check --fix .
 
 bench: setup
-	$(PY) bench/bench_load.py
+	PYTHONPATH=. $(PY) bench/bench_memory_forward.py
+	PYTHONPATH=. $(PY) bench/bench_lora_merge.py
+	PYTHONPATH=. $(PY) bench/bench_load.py
 
 clean-cache:
 	rm -rf "$${MEMENTO_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/comfyui-memento}" .venv .comfyui
