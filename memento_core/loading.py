@@ -99,10 +99,6 @@ class CheckpointIndex:
     source: str
     tensors_info: dict[str, TensorInfo]
 
-    @property
-    def files(self) -> dict[str, Path]:
-        return {k: info.path for k, info in self.tensors_info.items()}
-
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: info.shape for k, info in self.tensors_info.items()}
 

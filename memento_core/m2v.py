@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -221,8 +221,3 @@ def _selectors(backbone: Backbone, prompt_t5: Tensor, global_t5: Tensor) -> dict
             ctx_g = dit.embed_text(global_t5.to(device)).float()
         out[pool] = kfq_selector(kfq, ctx, ctx_g)
     return out
-
-
-def with_seed(request: ShotRequest, seed: int) -> ShotRequest:
-    """The same request with another sampler seed (Memento: seed + shot index within the scene)."""
-    return replace(request, settings=replace(request.settings, seed=seed))

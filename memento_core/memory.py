@@ -967,9 +967,8 @@ def _describe_shapes(shapes: Mapping[tuple[int, ...], str]) -> str:
 # ------------------------------------------------------------------------------------------ summary
 
 
-def bank_to_dict(bank: MemoryBank) -> dict[str, Any]:
-    """A JSON-able summary of a bank for logs and previews (no tensors)."""
-    res = bank.resolution
+def _bank_header(bank: MemoryBank) -> dict[str, Any]:
+    """The scalar fields every serialisation of a bank starts with."""
     return {
         "format": BANK_FORMAT,
         "version": BANK_VERSION,
@@ -977,6 +976,14 @@ def bank_to_dict(bank: MemoryBank) -> dict[str, Any]:
         "capacity": bank.capacity,
         "current_time": bank.current_time,
         "shots_done": bank.shots_done,
+    }
+
+
+def bank_to_dict(bank: MemoryBank) -> dict[str, Any]:
+    """A JSON-able summary of a bank for logs and previews (no tensors)."""
+    res = bank.resolution
+    return {
+        **_bank_header(bank),
         "resolution": None if res is None else list(res),
         "pools": {name: [f.summary() for f in bank.pool(name)] for name in POOLS},
         "archive": [f.frame_id for f in bank.archive],
@@ -1000,12 +1007,7 @@ def _bank_payload(bank: MemoryBank) -> tuple[dict[str, Tensor], dict[str, Any]]:
         entry = {key: v for key, v in f.summary().items() if key != "has_clip"}
         frames.append({**entry, "latent": latent_key, "clip": clip_key})
     meta = {
-        "format": BANK_FORMAT,
-        "version": BANK_VERSION,
-        "policy": bank.policy,
-        "capacity": bank.capacity,
-        "current_time": bank.current_time,
-        "shots_done": bank.shots_done,
+        **_bank_header(bank),
         "frames": frames,
         "pools": {name: bank.frame_ids(name) for name in POOLS},
         "archive": [f.frame_id for f in bank.archive],

@@ -87,6 +87,35 @@ def _expert_call(model: WanDiT, cond: ShotCondition) -> Callable[[Tensor, Tensor
     return run
 
 
+def _sample(
+    noise: Tensor,
+    high: Expert,
+    low: Expert,
+    cond: object,
+    uncond: object,
+    settings: ShotSettings,
+    *,
+    callback: Callable[[StepInfo], None] | None,
+    cancel: Callable[[], bool] | None,
+    prepare: Callable[[Tensor, StepInfo], Tensor] | None = None,
+) -> Tensor:
+    """``sample_experts`` with a shot's settings; noise [1, 16, F, h, w] -> latent [16, F, h, w]."""
+    return sample_experts(
+        noise,
+        high=high,
+        low=low,
+        cond=cond,
+        uncond=uncond,
+        steps=settings.steps,
+        shift=settings.shift,
+        boundary=settings.boundary,
+        solver=settings.solver,
+        callback=callback,
+        cancel=cancel,
+        prepare=prepare,
+    )[0]
+
+
 def _check_pair(high: ShotCondition, low: ShotCondition) -> None:
     a = (high.n_identity, high.n_memory, high.n_target)
     b = (low.n_identity, low.n_memory, low.n_target)
@@ -133,20 +162,17 @@ def sample_shot(
         return x
 
     identity_uncond = text.identity_negative if text.identity_negative is not None else text.identity
-    latent = sample_experts(
+    latent = _sample(
         noise,
-        high=Expert(_expert_call(high, cond_high), settings.guidance_high),
-        low=Expert(_expert_call(low, cond_low), settings.guidance_low),
-        cond=(text.prompt.to(device), None if text.identity is None else text.identity.to(device)),
-        uncond=(text.negative.to(device), None if identity_uncond is None else identity_uncond.to(device)),
-        steps=settings.steps,
-        shift=settings.shift,
-        boundary=settings.boundary,
-        solver=settings.solver,
+        Expert(_expert_call(high, cond_high), settings.guidance_high),
+        Expert(_expert_call(low, cond_low), settings.guidance_low),
+        (text.prompt.to(device), None if text.identity is None else text.identity.to(device)),
+        (text.negative.to(device), None if identity_uncond is None else identity_uncond.to(device)),
+        settings,
         callback=callback,
         cancel=cancel,
         prepare=prepare,
-    )[0]
+    )
     identity = latent[:, : cond_high.n_identity] if cond_high.n_identity else None
     return ShotResult(target=latent[:, cond_high.target_slice], identity=identity)
 
@@ -169,17 +195,14 @@ def sample_t2v_shot(
     def call(model: WanDiT) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         return lambda x, t, context: model(x, t.reshape(1).expand(x.shape[0]), context)
 
-    latent = sample_experts(
+    latent = _sample(
         noise,
-        high=Expert(call(high), settings.guidance_high),
-        low=Expert(call(low), settings.guidance_low),
-        cond=text.prompt.to(device),
-        uncond=text.negative.to(device),
-        steps=settings.steps,
-        shift=settings.shift,
-        boundary=settings.boundary,
-        solver=settings.solver,
+        Expert(call(high), settings.guidance_high),
+        Expert(call(low), settings.guidance_low),
+        text.prompt.to(device),
+        text.negative.to(device),
+        settings,
         callback=callback,
         cancel=cancel,
-    )[0]
+    )
     return ShotResult(target=latent, identity=None)

@@ -253,3 +253,17 @@ def test_shot_on_tiny_experts_runs_and_is_deterministic():
     a = sample_shot(high, low, c_high, c_low, txt, settings)
     b = sample_shot(high, low, c_high, c_low, txt, settings)
     assert torch.equal(a.target, b.target) and torch.isfinite(a.target).all()
+
+
+def test_t2v_shot_on_tiny_experts():
+    """Shot 1 by plain T2V: the sampler's result for the same seed is reproducible and noise-shaped."""
+    from memento_core.shot import sample_t2v_shot
+
+    high, low = tiny_dit("t2v", seed=1), tiny_dit("t2v", seed=2)
+    g = torch.Generator().manual_seed(0)
+    txt = ShotText(prompt=torch.randn(1, 7, 64, generator=g), negative=torch.randn(1, 9, 64, generator=g))
+    settings = ShotSettings(steps=3, shift=12.0, boundary=0.875, seed=5)
+    a = sample_t2v_shot(high, low, txt, (5, 4, 6), settings)
+    b = sample_t2v_shot(high, low, txt, (5, 4, 6), settings)
+    assert a.target.shape == (16, 5, 4, 6) and a.identity is None
+    assert torch.equal(a.target, b.target) and torch.isfinite(a.target).all()
