@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint format bench clean-cache
+.PHONY: setup test demo lint format bench clean-cache
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -11,6 +11,14 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Renders a story: the built-in tiny models by default, real weights when MEMENTO_MODELS names a model
+# config (README "Real models"). Override STORY, DEMO_OUT or DEMO_ARGS (e.g. DEMO_ARGS="--resume").
+STORY ?= example_stories/lighthouse_keeper.json
+DEMO_OUT ?= output/demo
+DEMO_ARGS ?= --overwrite
+demo: setup
+	$(PY) -m memento_core.story $(STORY) --out $(DEMO_OUT) $(DEMO_ARGS)
 
 lint: setup
 	$(PY) -m ruff check .

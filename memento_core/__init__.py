@@ -20,10 +20,26 @@ __all__ = [
     "MemoryFrame",
     "Selection",
     "ShapeError",
+    "Story",
+    "StoryError",
+    "StoryShot",
     "WanDiT",
     "load_bank",
     "load_dit",
     "load_memento_expert",
+    "load_story",
     "sample",
     "save_bank",
 ]
+
+#: Names served from memento_core.story on first access. Importing that module here would make
+#: ``python -m memento_core.story`` (the story runner's CLI) warn that the module is already loaded.
+_STORY_NAMES = ("Story", "StoryError", "StoryShot", "load_story")
+
+
+def __getattr__(name: str) -> object:
+    if name in _STORY_NAMES:
+        from . import story
+
+        return getattr(story, name)
+    raise AttributeError(f"module 'memento_core' has no attribute {name!r}")

@@ -4,6 +4,12 @@ This composes the pieces (memory bank, KeyframeQuery, shot builder, shot sampler
 encoder protocols) the way Memento renders a story, one call per shot. The story runner and the
 ComfyUI nodes call it; it holds no state between shots: the memory bank goes in and a new one comes
 out, so an interrupted shot leaves the caller's bank untouched.
+
+``render_shot`` is the composition of reusable steps, which the ComfyUI nodes call separately
+(Keyframe Query Retrieve, Memento Generate Shot, Update Memory):
+``encode_shot_text`` -> ``select_memory`` (KeyframeQuery per pool, on THIS shot's prompt) ->
+``generate_shot`` (build y / positions, sample; nothing decoded) -> ``VideoVAE.decode`` ->
+``remember_shot`` (8 evenly spaced frames re-encoded one by one into the bank after selection).
 """
 
 from __future__ import annotations
@@ -32,7 +38,19 @@ from .memory import MemoryBank, Selection, kfq_selector, memento_sample_indices,
 from .sampling import StepInfo
 from .shot import ShotSettings, ShotText, sample_shot
 
-__all__ = ["Backbone", "ShotRecord", "ShotRequest", "encode_frames", "render_shot"]
+__all__ = [
+    "Backbone",
+    "GeneratedShot",
+    "ShotRecord",
+    "ShotRequest",
+    "encode_frames",
+    "encode_shot_text",
+    "generate_shot",
+    "remember_shot",
+    "render_shot",
+    "select_memory",
+    "uses_identity",
+]
 
 #: Wan's default negative prompt (SPEC 4.5), used verbatim.
 WAN_NEGATIVE_PROMPT = (
@@ -96,6 +114,21 @@ def encode_frames(vae: VideoVAE, video: Tensor, indices: list[int]) -> Tensor:
     return torch.stack([vae.encode(video[:, i : i + 1])[:, 0] for i in indices])
 
 
+def remember_shot(
+    bank: MemoryBank, vae: VideoVAE, video: Tensor, prompt: str, shot_index: int | None = None
+) -> MemoryBank:
+    """Memento's memory update (SPEC 4.6): encode 8 evenly spaced frames of ``video`` [3, F, H, W] one
+    by one and add them to ``bank`` (which is unchanged) -> new bank with story time advanced by F."""
+    indices = memento_sample_indices(last=video.shape[1] - 1)
+    return bank.with_shot(
+        encode_frames(vae, video, indices),
+        frame_indices=indices,
+        prompt=prompt,
+        shot_index=shot_index,
+        frames_per_shot=video.shape[1],
+    )
+
+
 def _check_request(req: ShotRequest) -> int:
     n_target = latent_frames(req.frames)
     if req.width % 16 or req.height % 16 or req.width <= 0 or req.height <= 0:
@@ -112,6 +145,106 @@ def _continuation(req: ShotRequest, previous: Tensor | None) -> Tensor | None:
         raise ShapeError(f"mode {req.mode!r} continues the previous shot, but no previous shot was given")
     need = 1 if req.mode == "mi2v" else MOTION_FRAMES
     return previous[:, -need:]
+
+
+def uses_identity(request: ShotRequest) -> bool:
+    """True when the shot has an identity slot: a reconstruct caption and the memento position scheme."""
+    return request.reconstruct is not None and request.scheme == "memento"
+
+
+def encode_shot_text(request: ShotRequest, text_encoder: TextEncoder) -> ShotText:
+    """Encode the prompt, the negative prompt and (identity slot only) the reconstruct caption and ""."""
+    identity = uses_identity(request)
+    return ShotText(
+        prompt=text_encoder.encode(request.prompt),
+        negative=text_encoder.encode(request.negative),
+        identity=text_encoder.encode(request.reconstruct) if identity else None,  # type: ignore[arg-type]
+        identity_negative=text_encoder.encode("") if identity else None,
+    )
+
+
+def select_memory(
+    backbone: Backbone,
+    bank: MemoryBank,
+    prompt_t5: Tensor,
+    global_t5: Tensor,
+    *,
+    before_pool: Callable[[str], None] | None = None,
+) -> tuple[MemoryBank, Selection | None]:
+    """Choose the memory of the next shot -> (bank for the shot, Selection or None for an empty bank).
+
+    prompt_t5, global_t5: [1, L, text_dim] text-encoder outputs of the shot prompt and of its global
+    caption (``split_global_caption``). Each pool over capacity is selected by its own expert's
+    KeyframeQuery (the most recent frames when the backbone has none); the input bank is unchanged.
+    before_pool(pool) runs before a pool's expert is used (to bring that expert onto the device).
+    """
+    if not (len(bank.pool("high")) or len(bank.pool("low"))):
+        return bank, None
+    return bank.select_for_shot(_selectors(backbone, prompt_t5, global_t5, before_pool))
+
+
+@dataclass(frozen=True)
+class GeneratedShot:
+    """A sampled (not decoded) shot. latent: [16, T, h, w] normalised target latents; identity:
+    [16, 1, h, w] or None; positions / memory_ids: per pool, the frame positions and frame ids used;
+    seconds: timings of the "condition" and "sample" phases."""
+
+    latent: Tensor
+    identity: Tensor | None
+    positions: dict[str, list[int]]
+    memory_ids: dict[str, list[str]]
+    seconds: dict[str, float]
+
+
+def generate_shot(
+    backbone: Backbone,
+    bank_for_shot: MemoryBank,
+    request: ShotRequest,
+    vae: VideoVAE,
+    text: ShotText,
+    *,
+    continuation: Tensor | None = None,
+    device: torch.device | str | None = None,
+    callback: Callable[[StepInfo], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> GeneratedShot:
+    """Build and sample one shot on an already selected bank (``select_memory``); nothing is decoded.
+
+    request: sizes, mode, scheme, settings and whether there is an identity slot (``request.prompt`` and
+    ``request.negative`` are not read: ``text`` holds their encodings); continuation: [3, 1, H, W]
+    (mi2v) or [3, 5, H, W] (mm2v) frames in [-1, 1] to continue from, None for a cut.
+    Raises ``SamplingCancelled`` when ``cancel()`` turns true (nothing is returned or changed).
+    """
+    n_target = _check_request(request)
+    t0 = time.perf_counter()
+    device = device or next(backbone.high.parameters()).device
+    identity = uses_identity(request)
+    size = (request.height, request.width)
+    clip = condition_clip(request.mode, continuation, request.frames, *size)
+    target_condition = vae.encode(clip)
+    identity_condition = vae.encode(identity_image(*size)) if identity else None
+    conds, positions, memory_ids = {}, {}, {}
+    for pool in ("high", "low"):
+        frames = bank_for_shot.pool(pool)
+        memory = bank_for_shot.latents(pool) if frames else torch.zeros(16, 0, *target_condition.shape[2:])
+        pos = bank_for_shot.frame_positions(pool, request.scheme, n_target, identity)  # type: ignore[arg-type]
+        conds[pool] = build_shot(memory, pos, target_condition, request.mode, identity_condition)
+        positions[pool] = pos.tolist()
+        memory_ids[pool] = bank_for_shot.frame_ids(pool)
+    t1 = time.perf_counter()
+    result = sample_shot(
+        backbone.high,
+        backbone.low,
+        conds["high"],
+        conds["low"],
+        text,
+        request.settings,
+        device=device,
+        callback=callback,
+        cancel=cancel,
+    )
+    seconds = {"condition": t1 - t0, "sample": time.perf_counter() - t1}
+    return GeneratedShot(result.target, result.identity, positions, memory_ids, seconds)
 
 
 def render_shot(
@@ -132,92 +265,72 @@ def render_shot(
     The bank's frames for the shot are selected first (KeyframeQuery per expert, given THIS shot's
     prompt), then the shot is sampled, decoded, and its 8 evenly spaced frames are re-encoded one by
     one into the bank (SPEC 4.6). previous_video: [3, F, H, W] of the previous shot, for mi2v/mm2v.
+    Composition: ``encode_shot_text`` -> ``select_memory`` -> ``generate_shot`` -> decode ->
+    ``remember_shot``.
     """
-    n_target = _check_request(request)
-    timings: dict[str, float] = {}
+    _check_request(request)
     t0 = time.perf_counter()
-    device = device or next(backbone.high.parameters()).device
-
-    prompt_t5 = text_encoder.encode(request.prompt)
-    identity = request.reconstruct is not None and request.scheme == "memento"
-    text = ShotText(
-        prompt=prompt_t5,
-        negative=text_encoder.encode(request.negative),
-        identity=text_encoder.encode(request.reconstruct) if identity else None,
-        identity_negative=text_encoder.encode("") if identity else None,
-    )
-
-    selection = None
+    text = encode_shot_text(request, text_encoder)
+    bank_for_shot, selection = bank, None
     if len(bank.pool("high")) or len(bank.pool("low")):
-        selectors = _selectors(backbone, prompt_t5, text_encoder.encode(split_global_caption(request.prompt)))
-        bank_for_shot, selection = bank.select_for_shot(selectors)
-    else:
-        bank_for_shot = bank
-    timings["select"] = time.perf_counter() - t0
+        global_t5 = text_encoder.encode(split_global_caption(request.prompt))
+        bank_for_shot, selection = select_memory(backbone, bank, text.prompt, global_t5)
+    timings: dict[str, float] = {"select": time.perf_counter() - t0}
 
-    size = (request.height, request.width)
-    clip = condition_clip(request.mode, _continuation(request, previous_video), request.frames, *size)
-    target_condition = vae.encode(clip)
-    identity_condition = vae.encode(identity_image(*size)) if identity else None
-    conds, positions, memory_ids = {}, {}, {}
-    for pool in ("high", "low"):
-        frames = bank_for_shot.pool(pool)
-        memory = bank_for_shot.latents(pool) if frames else torch.zeros(16, 0, *target_condition.shape[2:])
-        pos = bank_for_shot.frame_positions(pool, request.scheme, n_target, identity)  # type: ignore[arg-type]
-        conds[pool] = build_shot(memory, pos, target_condition, request.mode, identity_condition)
-        positions[pool] = pos.tolist()
-        memory_ids[pool] = bank_for_shot.frame_ids(pool)
-    timings["condition"] = time.perf_counter() - t0 - timings["select"]
-
-    t1 = time.perf_counter()
-    result = sample_shot(
-        backbone.high,
-        backbone.low,
-        conds["high"],
-        conds["low"],
+    shot = generate_shot(
+        backbone,
+        bank_for_shot,
+        request,
+        vae,
         text,
-        request.settings,
+        continuation=_continuation(request, previous_video),
         device=device,
         callback=callback,
         cancel=cancel,
     )
-    timings["sample"] = time.perf_counter() - t1
+    timings.update(shot.seconds)
 
     t2 = time.perf_counter()
-    video = vae.decode(result.target)
-    indices = memento_sample_indices(last=video.shape[1] - 1)
-    new_bank = bank_for_shot.with_shot(
-        encode_frames(vae, video, indices),
-        frame_indices=indices,
-        prompt=request.prompt,
-        shot_index=shot_index,
-        frames_per_shot=video.shape[1],
-    )
+    video = vae.decode(shot.latent)
+    new_bank = remember_shot(bank_for_shot, vae, video, request.prompt, shot_index)
     timings["decode_update"] = time.perf_counter() - t2
     record = ShotRecord(
-        latent=result.target,
+        latent=shot.latent,
         video=video,
-        identity=result.identity,
+        identity=shot.identity,
         selection=selection,
-        positions=positions,
-        memory_ids=memory_ids,
+        positions=shot.positions,
+        memory_ids=shot.memory_ids,
         seconds=timings,
     )
     return record, new_bank
 
 
-def _selectors(backbone: Backbone, prompt_t5: Tensor, global_t5: Tensor) -> dict[str, Any] | None:
-    """Per-pool KFQ selectors using each expert's own text embedding; the most recent frames without KFQs."""
+def _selectors(
+    backbone: Backbone,
+    prompt_t5: Tensor,
+    global_t5: Tensor,
+    before_pool: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Per-pool KFQ selectors using each expert's own text embedding; the most recent frames without KFQs.
+
+    The prompts are embedded when a pool actually needs a selection (on the expert's device then)."""
     if backbone.kfq_high is None or backbone.kfq_low is None:
         return {"high": recency_selector, "low": recency_selector}
-    out = {}
-    for pool, dit, kfq in (
-        ("high", backbone.high, backbone.kfq_high),
-        ("low", backbone.low, backbone.kfq_low),
-    ):
-        device = next(dit.parameters()).device
-        with torch.no_grad():
-            ctx = dit.embed_text(prompt_t5.to(device)).float()
-            ctx_g = dit.embed_text(global_t5.to(device)).float()
-        out[pool] = kfq_selector(kfq, ctx, ctx_g)
-    return out
+
+    def make(pool: str, dit: WanDiT, kfq: KeyframeQuery) -> Any:
+        def select(frames: Any, current_time: int, *, k_local: int, k_global: int) -> Any:
+            if before_pool is not None:
+                before_pool(pool)
+            device = dit.text_embedding[0].weight.device
+            with torch.no_grad():
+                ctx = dit.embed_text(prompt_t5.to(device)).float()
+                ctx_g = dit.embed_text(global_t5.to(device)).float()
+            return kfq_selector(kfq, ctx, ctx_g)(frames, current_time, k_local=k_local, k_global=k_global)
+
+        return select
+
+    return {
+        "high": make("high", backbone.high, backbone.kfq_high),
+        "low": make("low", backbone.low, backbone.kfq_low),
+    }

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memento_core.errors import MementoError
+from .errors import MementoError
 
 __all__ = [
     "SOLVERS",

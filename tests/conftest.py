@@ -17,6 +17,8 @@ TESTS_DIR = str(Path(__file__).resolve().parent)
 if TESTS_DIR not in sys.path:
     sys.path.append(TESTS_DIR)
 
+pytest_plugins = ["conftest_server"]  # the session's real ComfyUI server fixture (tests/conftest_server.py)
+
 if TYPE_CHECKING:
     from comfy_host import ComfyHost
 

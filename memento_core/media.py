@@ -1,0 +1,145 @@
+"""Video files: write a clip as H.264 mp4, read one back, join shots into one story video.
+
+PyAV (``av``, a ComfyUI dependency) does the encoding; imported lazily so the rest of memento_core works
+without it. Clips are [3, F, H, W] in [-1, 1] (the VAE's convention); files are yuv420p H.264, so odd
+sizes are padded to even by repeating the last row/column.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["FPS", "join_mp4", "read_mp4", "to_uint8_frames", "write_mp4"]
+
+#: Wan2.2 and Memento sample at 16 frames per second.
+FPS = 16
+
+
+def _av() -> Any:
+    try:
+        import av
+    except ImportError as exc:  # pragma: no cover - av ships with ComfyUI and requirements.txt
+        raise ImportError("writing mp4 files needs PyAV: pip install av") from exc
+    return av
+
+
+def to_uint8_frames(video: Tensor) -> Tensor:
+    """[3, F, H, W] in [-1, 1] -> [F, H, W, 3] uint8 (what video files and PNGs hold)."""
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a clip [3, F, H, W], got {list(video.shape)}")
+    frames = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).contiguous()
+
+
+def _even(frames: Tensor) -> Tensor:
+    _, h, w, _ = frames.shape
+    if h % 2:
+        frames = torch.cat([frames, frames[:, -1:]], 1)
+    if w % 2:
+        frames = torch.cat([frames, frames[:, :, -1:]], 2)
+    return frames
+
+
+def _encode(clips: Iterable[Tensor], path: Path, fps: int, crf: int) -> Path:
+    """Encode clips [F, H, W, 3] uint8 one after another (each is read only when its turn comes)."""
+    av = _av()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = None
+        for clip in clips:
+            clip = _even(clip)
+            if stream is None:
+                stream = container.add_stream("libx264", rate=Fraction(fps))
+                stream.width, stream.height = clip.shape[2], clip.shape[1]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": str(crf), "preset": "medium"}
+            elif (clip.shape[2], clip.shape[1]) != (stream.width, stream.height):
+                raise ValueError(
+                    f"cannot join clips of different sizes: {clip.shape[2]}x{clip.shape[1]} after "
+                    f"{stream.width}x{stream.height}"
+                )
+            for frame in clip.numpy():
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        if stream is None:
+            raise ValueError("no frames to write")
+        container.mux(stream.encode(None))
+    os.replace(tmp, path)
+    return path
+
+
+def write_mp4(video: Tensor, path: str | os.PathLike[str], fps: int = FPS, crf: int = 17) -> Path:
+    """Write a clip [3, F, H, W] in [-1, 1] as an H.264 mp4 at ``fps`` (atomically) -> the path."""
+    return _encode([to_uint8_frames(video)], Path(path), fps, crf)
+
+
+def read_mp4(path: str | os.PathLike[str]) -> Tensor:
+    """Every frame of a video file -> [F, H, W, 3] uint8."""
+    av = _av()
+    with av.open(str(path)) as container:
+        frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path}: no video frames")
+    return torch.stack(frames)
+
+
+def join_mp4(
+    paths: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], fps: int = FPS, crf: int = 17
+) -> Path:
+    """Concatenate video files, shot after shot, into one mp4 -> the path.
+
+    Files written by :func:`write_mp4` with the same size share their H.264 parameters, so their packets
+    are copied as they are (no re-encoding: exact, fast, deterministic). Anything else is decoded and
+    re-encoded at ``fps`` / ``crf``.
+    """
+    if not paths:
+        raise ValueError("join_mp4: no shots to join")
+    target = Path(out)
+    if _same_stream_parameters(paths):
+        return _remux(paths, target)
+    return _encode((read_mp4(p) for p in paths), target, fps, crf)
+
+
+def _same_stream_parameters(paths: Sequence[str | os.PathLike[str]]) -> bool:
+    av = _av()
+    seen = set()
+    for p in paths:
+        with av.open(str(p)) as container:
+            if len(container.streams) != 1 or not container.streams.video:
+                return False
+            ctx = container.streams.video[0].codec_context
+            seen.add((ctx.name, ctx.width, ctx.height, ctx.pix_fmt, bytes(ctx.extradata or b"")))
+    return len(seen) == 1
+
+
+def _remux(paths: Sequence[str | os.PathLike[str]], target: Path) -> Path:
+    av = _av()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    offset = 0
+    with av.open(str(tmp), mode="w", format="mp4") as output:
+        stream = None
+        for p in paths:
+            with av.open(str(p)) as container:
+                source = container.streams.video[0]
+                if stream is None:
+                    stream = output.add_stream_from_template(source)
+                end = offset
+                for packet in container.demux(source):
+                    if packet.dts is None:  # the demuxer's final empty packet
+                        continue
+                    packet.pts += offset
+                    packet.dts += offset
+                    end = max(end, packet.pts + (packet.duration or 0))
+                    packet.stream = stream
+                    output.mux(packet)
+                offset = end
+    os.replace(tmp, target)
+    return target

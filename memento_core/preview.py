@@ -1,0 +1,145 @@
+"""Contact sheets of memory frames: which frames a shot was conditioned on, local and global marked.
+
+Used by the story runner (a PNG per shot) and by the ComfyUI preview nodes (an IMAGE). Pure torch for
+the layout; Pillow (a ComfyUI dependency) draws the labels when it is installed, otherwise the sheet
+has coloured frames only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .memory import MemoryBank, Selection
+
+__all__ = ["MARK_COLORS", "SheetTile", "contact_sheet", "save_png", "selection_rows"]
+
+#: Border colour (RGB in [0, 1]) of each kind of tile.
+MARK_COLORS: dict[str, tuple[float, float, float]] = {
+    "local": (0.15, 0.55, 1.0),  # chosen by the local queries (short-range continuity)
+    "global": (1.0, 0.55, 0.1),  # chosen by the global queries (identity)
+    "kept": (0.6, 0.6, 0.6),  # no selection needed (the pool fitted)
+    "reference": (0.2, 0.8, 0.3),  # a pinned reference image (MR2V)
+    "identity": (0.75, 0.3, 0.9),  # the identity slot's output
+}
+_BORDER = 3
+_LABEL_H = 14
+_TITLE_W = 44
+
+
+@dataclass(frozen=True)
+class SheetTile:
+    """One picture on a sheet: image [3, H, W] in [-1, 1], a short label, a mark (key of MARK_COLORS)."""
+
+    image: Tensor
+    label: str = ""
+    mark: str | None = None
+
+
+def contact_sheet(rows: Sequence[tuple[str, Sequence[SheetTile]]], tile_height: int = 120) -> Tensor:
+    """Lay out rows of tiles (each row titled) -> an image [H, W, 3] float32 in [0, 1].
+
+    Tiles are resized to ``tile_height`` (aspect kept), framed in their mark's colour and labelled
+    below. An empty row shows its title only.
+    """
+    if tile_height < 8:
+        raise ValueError(f"contact_sheet: tile_height must be >= 8, got {tile_height}")
+    rendered: list[tuple[str, list[tuple[Tensor, str]]]] = []
+    width = 0
+    for title, tiles in rows:
+        row = [(_framed(t, tile_height), t.label) for t in tiles]
+        rendered.append((title, row))
+        width = max(width, _TITLE_W + sum(img.shape[2] + 4 for img, _ in row))
+    width = max(width, _TITLE_W + 64)
+    cell_h = tile_height + 2 * _BORDER + _LABEL_H + 4
+    sheet = torch.full((3, cell_h * max(1, len(rendered)), width), 0.12)
+    labels: list[tuple[int, int, str]] = []
+    for r, (title, row) in enumerate(rendered):
+        y = r * cell_h + 2
+        labels.append((2, y + tile_height // 2, title))
+        x = _TITLE_W
+        for img, label in row:
+            sheet[:, y : y + img.shape[1], x : x + img.shape[2]] = img
+            labels.append((x, y + img.shape[1] + 1, label))
+            x += img.shape[2] + 4
+    return _draw_labels(sheet.permute(1, 2, 0).contiguous(), labels)
+
+
+def _framed(tile: SheetTile, height: int) -> Tensor:
+    img = tile.image.detach().float().cpu()
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise ValueError(f"contact_sheet: a tile must be an image [3, H, W], got {list(img.shape)}")
+    width = max(1, round(img.shape[2] * height / img.shape[1]))
+    img = F.interpolate(img[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    img = ((img + 1) / 2).clamp(0, 1)
+    color = torch.tensor(MARK_COLORS.get(tile.mark or "", (0.3, 0.3, 0.3)))[:, None, None]
+    out = color.expand(3, height + 2 * _BORDER, width + 2 * _BORDER).clone()
+    out[:, _BORDER : _BORDER + height, _BORDER : _BORDER + width] = img
+    return out
+
+
+def _draw_labels(image: Tensor, labels: list[tuple[int, int, str]]) -> Tensor:
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:  # pragma: no cover - Pillow ships with ComfyUI and the dev environment
+        return image
+    pil = Image.fromarray((image.numpy() * 255).round().astype("uint8"))
+    draw = ImageDraw.Draw(pil)
+    for x, y, text in labels:
+        if text:
+            draw.text((x, y), text, fill=(235, 235, 235))
+    return torch.from_numpy(__import__("numpy").asarray(pil).copy()).float() / 255
+
+
+def selection_rows(
+    bank: MemoryBank,
+    used_ids: dict[str, list[str]],
+    selection: Selection | None,
+    decode: Callable[[Tensor], Tensor],
+    positions: dict[str, list[int]] | None = None,
+) -> list[tuple[str, list[SheetTile]]]:
+    """Rows (one per pool) of the memory frames a shot used, marked local / global / kept / reference.
+
+    bank: a bank holding the frames (before or after the shot); used_ids: per pool, frame ids in shot
+    order; decode: latent [16, 1, h, w] -> video [3, 1, H, W]; positions: per pool, the RoPE positions
+    of the used frames (shown in the labels). Frames are decoded once even when both pools use them.
+    """
+    cache: dict[str, Tensor] = {}
+    rows = []
+    for pool, ids in used_ids.items():
+        chosen = None if selection is None else {p.pool: p for p in selection.pools}.get(pool)
+        local = set(chosen.local_ids) if chosen is not None else set()
+        glob = set(chosen.global_ids) if chosen is not None else set()
+        pos = (positions or {}).get(pool, [])
+        tiles = []
+        for k, fid in enumerate(ids):
+            frame = bank.get(fid)
+            if fid not in cache:
+                cache[fid] = decode(frame.latent[:, None])[:, 0]
+            if frame.source == "reference":
+                mark = "reference"
+            else:
+                mark = "local" if fid in local else "global" if fid in glob else "kept"
+            label = fid if k >= len(pos) else f"{fid} @{pos[k]}"
+            tiles.append(SheetTile(cache[fid], label, mark))
+        rows.append((pool, tiles))
+    return rows
+
+
+def save_png(image: Tensor, path: str | os.PathLike[str]) -> Path:
+    """Write an image [H, W, 3] (float in [0, 1] or uint8) as PNG; returns the path."""
+    from PIL import Image
+
+    arr = image.detach().cpu()
+    if arr.dtype != torch.uint8:
+        arr = (arr.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr.numpy()).save(out)
+    return out

@@ -1,0 +1,257 @@
+"""Real weights for the command line: a JSON model config, and diffusers / transformers adapters.
+
+The story runner talks to a VAE and a text encoder through memento_core's protocols
+(:mod:`memento_core.adapters`). Outside ComfyUI the real ones are diffusers' ``AutoencoderKLWan`` (the
+Wan 2.1 VAE) and transformers' ``UMT5EncoderModel`` (umT5-XXL), both read from local folders in the
+Hugging Face layout (``config.json`` + ``*.safetensors``; pickles are refused). Both libraries are
+optional: they are imported only here, with a clear message when missing.
+
+Model config (JSON; relative paths are relative to the config file)::
+
+    {
+      "i2v_high": "Wan2.2-I2V-A14B/high_noise_model",      # base experts: file, shard folder, or list
+      "i2v_low": "Wan2.2-I2V-A14B/low_noise_model",
+      "memento_high": "Memento/backbone_high_noise.safetensors",
+      "memento_low": "Memento/backbone_low_noise.safetensors",
+      "t2v_high": "Wan2.2-T2V-A14B/high_noise_model",      # optional: shot 1 by T2V
+      "t2v_low": "Wan2.2-T2V-A14B/low_noise_model",
+      "text_encoder": "Wan2.2-T2V-A14B-Diffusers/text_encoder",
+      "tokenizer": "Wan2.2-T2V-A14B-Diffusers/tokenizer",
+      "vae": "Wan2.2-T2V-A14B-Diffusers/vae",
+      "dtype": "bf16", "device": "cuda", "lora_strength": 1.0,
+      "text_device": "cpu"                                  # optional: umT5-XXL (11 GB) off the GPU
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adapters import LATENT_CHANNELS
+from .errors import MementoError, ShapeError
+from .expert import load_memento_expert
+from .loading import load_dit
+from .m2v import Backbone
+
+__all__ = [
+    "DiffusersWanVAE",
+    "ModelConfig",
+    "ModelConfigError",
+    "UMT5TextEncoder",
+    "load_model_config",
+    "real_models",
+]
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TEXT_LEN = 512
+
+
+class ModelConfigError(MementoError):
+    """The model config is malformed or names files that are not there (the message names the field)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the real weights are (see the module docstring). t2v_*: optional (shot 1 by T2V)."""
+
+    i2v_high: str
+    i2v_low: str
+    memento_high: str
+    memento_low: str
+    text_encoder: str
+    tokenizer: str
+    vae: str
+    t2v_high: str | None = None
+    t2v_low: str | None = None
+    dtype: str = "bf16"
+    device: str = "cuda"
+    text_device: str | None = None
+    lora_strength: float = 1.0
+    source: str = "<config>"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready facts for logs and resume checks (file names, not contents)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        return {"kind": "real", **out}
+
+
+_PATH_FIELDS = ("i2v_high", "i2v_low", "memento_high", "memento_low", "text_encoder", "tokenizer", "vae")
+
+
+def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
+    """Read and check a model config file -> :class:`ModelConfig` with absolute paths."""
+    source = Path(path)
+    try:
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelConfigError(f"model config {source}: no such file") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelConfigError(f"model config {source}: not readable JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelConfigError(f"model config {source}: expected a JSON object")
+    known = {f.name for f in fields(ModelConfig)} - {"source"}
+    if unknown := sorted(set(data) - known):
+        raise ModelConfigError(f"model config {source}: unknown field(s) {unknown}; known: {sorted(known)}")
+    if missing := [k for k in _PATH_FIELDS if not data.get(k)]:
+        raise ModelConfigError(f"model config {source}: missing field(s) {missing}")
+    if bool(data.get("t2v_high")) != bool(data.get("t2v_low")):
+        raise ModelConfigError(f"model config {source}: give both t2v_high and t2v_low, or neither")
+    if data.get("dtype", "bf16") not in DTYPES:
+        raise ModelConfigError(f"model config {source}: field 'dtype': expected one of {list(DTYPES)}")
+    base = source.parent
+    resolved: dict[str, Any] = dict(data)
+    for key in (*_PATH_FIELDS, "t2v_high", "t2v_low"):
+        if not data.get(key):
+            continue
+        p = Path(data[key]).expanduser()
+        p = p if p.is_absolute() else base / p
+        if not p.exists():
+            raise ModelConfigError(f"model config {source}: field '{key}': {p} does not exist")
+        resolved[key] = str(p)
+    return ModelConfig(**resolved, source=str(source))
+
+
+def _require(module: str, pip: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError as exc:
+        raise ModelConfigError(f"real models on the command line need {module}: pip install {pip}") from exc
+
+
+class DiffusersWanVAE:
+    """The Wan 2.1 VAE through diffusers' ``AutoencoderKLWan``, in memento_core's convention.
+
+    encode: [3, F, H, W] in [-1, 1] -> normalised latents ``(mu - mean) / std`` [16, T, h, w] float32
+    (Wan's own ``WanVAE.encode`` uses the posterior mean, not a sample); decode: the inverse.
+    """
+
+    def __init__(self, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        diffusers = _require("diffusers", "diffusers")
+        try:
+            self.vae = diffusers.AutoencoderKLWan.from_pretrained(
+                path, torch_dtype=dtype, use_safetensors=True
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelConfigError(f"vae {path}: not a diffusers AutoencoderKLWan folder ({exc})") from exc
+        self.vae = self.vae.to(device).eval().requires_grad_(False)
+        self.device, self.dtype = torch.device(device), dtype
+        cfg = self.vae.config
+        self.mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(-1, 1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        if video.ndim != 4 or video.shape[0] != 3:
+            raise ShapeError(f"VAE encode: expected a clip [3, F, H, W], got {list(video.shape)}")
+        x = video.to(self.device, self.dtype)[None]
+        mu = self.vae.encode(x).latent_dist.mode()[0].float().cpu()
+        return (mu - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latent: Tensor) -> Tensor:
+        if latent.ndim != 4 or latent.shape[0] != LATENT_CHANNELS:
+            raise ShapeError(f"VAE decode: expected latents [16, T, h, w], got {list(latent.shape)}")
+        z = latent.float().cpu() * self.std + self.mean
+        video = self.vae.decode(z.to(self.device, self.dtype)[None]).sample[0]
+        return video.float().cpu().clamp(-1, 1)
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt clean-up before tokenising: ftfy (when installed), HTML unescape, collapsed spaces."""
+    import html
+
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class UMT5TextEncoder:
+    """umT5-XXL through transformers' ``UMT5EncoderModel`` -> hidden states [1, L, 4096] float32.
+
+    As Wan: the cleaned prompt is tokenised to at most 512 tokens (with the end token), the encoder runs
+    with the attention mask, and only the L real tokens are returned (the DiT zero-pads to 512).
+    """
+
+    def __init__(
+        self, path: str, tokenizer: str, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        transformers = _require("transformers", "transformers sentencepiece")
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer)
+            self.model = transformers.UMT5EncoderModel.from_pretrained(
+                path, torch_dtype=dtype, use_safetensors=True
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelConfigError(
+                f"text encoder {path} / tokenizer {tokenizer}: cannot be loaded ({exc})"
+            ) from exc
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def encode(self, text: str) -> Tensor:
+        tokens = self.tokenizer(
+            [clean_prompt(text)],
+            padding="max_length",
+            max_length=TEXT_LEN,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.model(ids, attention_mask=mask).last_hidden_state
+        length = int(mask[0].sum())
+        return hidden[:, :length].float().cpu()
+
+
+def real_models(config: ModelConfig) -> Any:
+    """A :class:`memento_core.runner.ModelSet` over the configured weights (experts load on first use)."""
+    from .runner import ModelSet
+
+    dtype = DTYPES[config.dtype]
+    device = config.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelConfigError(
+            f"model config {config.source}: device {device!r} but no CUDA GPU is available"
+        )
+
+    def backbone() -> Backbone:
+        high, kfq_high = load_memento_expert(
+            config.i2v_high, config.memento_high, dtype, device, config.lora_strength
+        )
+        low, kfq_low = load_memento_expert(
+            config.i2v_low, config.memento_low, dtype, device, config.lora_strength
+        )
+        return Backbone(high, low, kfq_high, kfq_low)
+
+    def t2v() -> tuple[Any, Any]:
+        return (
+            load_dit(config.t2v_high, dtype=dtype, device=device, expect="t2v"),
+            load_dit(config.t2v_low, dtype=dtype, device=device, expect="t2v"),
+        )
+
+    return ModelSet(
+        kind="real",
+        description=config.describe(),
+        vae=DiffusersWanVAE(config.vae, device, torch.float32),
+        text_encoder=UMT5TextEncoder(
+            config.text_encoder, config.tokenizer, config.text_device or device, dtype
+        ),
+        load_backbone=backbone,
+        load_t2v=t2v if config.t2v_high else None,
+        device=device,
+    )

@@ -1,0 +1,319 @@
+"""The two halves of a Memento shot as nodes: Keyframe Query Retrieve (choose the memory) and Memento
+Generate Shot (sample the shot), so artists can inspect and swap memory between them.
+
+Keyframe Query Retrieve: each expert's KeyframeQuery picks 6 local + 2 global frames of its pool
+given THIS shot's prompt and global caption (umT5-encoded with the connected CLIP, then the expert's
+own text embedding), when the pool holds more than its capacity; otherwise the pool is kept as it is
+(shot 2 keeps shot 1's 8 frames). Outputs the MEMORY_SELECTION (for Generate Shot and Update Memory),
+the selected bank, and a contact sheet of the chosen frames (local / global / reference marked).
+An empty global caption means the SPEC 4.7 rule (the text between "global caption:" and "shot
+caption:", else the whole prompt), as memento_core's ``render_shot`` does.
+
+Memento Generate Shot: positive / negative come as CONDITIONING from CLIP Text Encode (umT5 "wan");
+the identity slot's texts (the reconstruct caption, and "" for its unconditional pass, SPEC 4.4) are
+encoded with the CLIP input. The memory frames' latents are used as stored (never decoded). Mode:
+"mi2v" (continue from a frame) when ``first_frame`` is connected (its LAST image is used, so the
+previous shot's whole decoded video can be wired in), else "cut". Output LATENT: the target latents
+in ComfyUI's raw convention (like KSampler; connect VAE Decode), and the identity slot decoded (a
+gray frame without identity slot). The seed is ``ShotSettings.seed`` (noise from a CPU generator: the
+same on every device); Memento's story runner uses ``seed + shot index within the scene``.
+One ComfyUI progress step per sampling step; ComfyUI's interrupt is checked before every step and
+stops the node with ComfyUI's own InterruptProcessingException (no bank is produced or changed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import comfy.model_management
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..memento_core.errors import MementoError
+from ..memento_core.keyframe_query import split_global_caption
+from ..memento_core.m2v import ShotRequest, generate_shot, select_memory, uses_identity
+from ..memento_core.memory import SCHEMES
+from ..memento_core.preview import contact_sheet
+from ..memento_core.sampling import SOLVERS, SamplingCancelled, StepInfo
+from ..memento_core.shot import ShotSettings, ShotText
+from .backbone_nodes import compute_device, experts_on_device, require_backbone
+from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE, conditioning_tensor, raw_latent, video_to_image
+from .memory_nodes import preview_decoder, selection_sheet_rows
+from .types import (
+    MementoBackboneSocket,
+    MemoryBankSocket,
+    MemorySelection,
+    MemorySelectionSocket,
+    require_bank,
+    require_selection,
+)
+
+CATEGORY = "Memento"
+
+
+def _check_text_width(t: torch.Tensor, expected: int, name: str, node: str) -> None:
+    if t.shape[-1] != expected:
+        raise ValueError(
+            f"{node}: the '{name}' text encoding is {t.shape[-1]} wide but the backbone expects {expected} "
+            "(umT5-XXL). Load the text encoder with Load CLIP, type 'wan' (umt5_xxl)."
+        )
+
+
+class MementoKeyframeRetrieve(io.ComfyNode):
+    """Choose a shot's memory with each expert's KeyframeQuery (Memento's dual query)."""
+
+    NODE = "Keyframe Query Retrieve"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Backbone, bank, CLIP, prompt, global caption; optional VAE for the preview."""
+        return io.Schema(
+            node_id="MementoKeyframeRetrieve",
+            display_name="Keyframe Query Retrieve",
+            category=CATEGORY,
+            description="Selects the memory frames of the next shot (6 local + 2 global per expert when a "
+            "pool is over capacity) and previews them.",
+            inputs=[
+                MementoBackboneSocket.Input("backbone"),
+                io.MultiType.Input("memory_bank", types=[MemoryBankSocket, MemorySelectionSocket]),
+                io.Clip.Input("clip", tooltip="The umT5 'wan' text encoder (Load CLIP, type wan)."),
+                io.String.Input("prompt", multiline=True, default="", tooltip="The shot's full prompt."),
+                io.String.Input(
+                    "global_caption",
+                    multiline=True,
+                    default="",
+                    tooltip="Text for the global (identity) queries; empty: taken from the prompt's "
+                    "'global caption: ...; shot caption:' part.",
+                ),
+                io.Vae.Input(
+                    "vae", optional=True, tooltip="Decode the preview properly (else rough colours)."
+                ),
+            ],
+            outputs=[
+                MemorySelectionSocket.Output("selection", display_name="selection"),
+                MemoryBankSocket.Output("selected_bank", display_name="selected_bank"),
+                io.Image.Output("preview", display_name="preview"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        backbone: Any,
+        memory_bank: Any,
+        clip: Any,
+        prompt: str,
+        global_caption: str = "",
+        vae: Any = None,
+    ) -> io.NodeOutput:
+        """Select; the input bank is unchanged."""
+        node = cls.NODE
+        loaded = require_backbone(backbone, node)
+        bank = require_bank(memory_bank, "memory_bank", node)
+        if not (prompt or "").strip():
+            raise ValueError(
+                f"{node}: 'prompt' is empty; give the shot's prompt (the memory is chosen for it)."
+            )
+        glob = (global_caption or "").strip() or split_global_caption(prompt)
+        selected, selection = bank, None
+        if len(bank.pool("high")) or len(bank.pool("low")):
+            text = ComfyTextEncoder(clip, node)
+            prompt_t5, global_t5 = text.encode(prompt), text.encode(glob)
+            _check_text_width(prompt_t5, loaded.text_dim, "prompt", node)
+            try:
+                with experts_on_device(loaded) as ensure:
+                    selected, selection = select_memory(
+                        loaded.backbone, bank, prompt_t5, global_t5, before_pool=ensure
+                    )
+            except MementoError as exc:
+                raise ValueError(f"{node}: {exc}") from exc
+        result = MemorySelection(selected, bank, selection, prompt, glob)
+        sheet = contact_sheet(selection_sheet_rows(result, preview_decoder(vae, node)), tile_height=120)
+        return io.NodeOutput(result, selected, sheet[None])
+
+
+class MementoGenerateShot(io.ComfyNode):
+    """Sample one memory-conditioned shot with both experts; outputs its LATENT (not decoded)."""
+
+    NODE = "Memento Generate Shot"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        """Backbone, selection, texts, VAE, size, sampler settings, optional first frame."""
+        return io.Schema(
+            node_id="MementoGenerateShot",
+            display_name="Memento Generate Shot",
+            category=CATEGORY,
+            description="Renders one shot conditioned on the selected memory (Memento M2V), with an "
+            "optional identity slot (reconstruct caption) and continuation from a first frame.",
+            inputs=[
+                MementoBackboneSocket.Input("backbone"),
+                MemorySelectionSocket.Input("selection", tooltip="From Keyframe Query Retrieve."),
+                io.Clip.Input("clip", tooltip="umT5 'wan' text encoder, for the reconstruct caption."),
+                io.Conditioning.Input("positive", tooltip="CLIP Text Encode of the shot prompt."),
+                io.Conditioning.Input("negative", tooltip="CLIP Text Encode of the negative prompt."),
+                io.Vae.Input("vae", tooltip="Wan 2.1 VAE."),
+                io.String.Input(
+                    "reconstruct",
+                    multiline=True,
+                    default="",
+                    tooltip="Identity caption ('[Person A] description' lines); empty: no identity slot.",
+                ),
+                io.Int.Input("width", default=832, min=16, max=4096, step=16),
+                io.Int.Input("height", default=480, min=16, max=4096, step=16),
+                io.Int.Input("frames", default=81, min=1, max=1025, step=4, tooltip="4n+1 pixel frames."),
+                io.Int.Input("steps", default=40, min=1, max=1000),
+                io.Float.Input("shift", default=5.0, min=0.01, max=100.0, step=0.1),
+                io.Float.Input("cfg_high", default=3.5, min=0.0, max=30.0, step=0.1),
+                io.Float.Input("cfg_low", default=3.5, min=0.0, max=30.0, step=0.1),
+                io.Float.Input(
+                    "boundary",
+                    default=0.9,
+                    min=0.0,
+                    max=1.0,
+                    step=0.005,
+                    tooltip="High-noise expert while t >= boundary*1000.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Combo.Input(
+                    "position_scheme",
+                    options=list(SCHEMES),
+                    default="memento",
+                    tooltip="memento: time-aware negative RoPE + identity slot; storymem: fixed spacing; "
+                    "sequential: legacy.",
+                ),
+                io.Combo.Input("solver", options=list(SOLVERS), default="unipc"),
+                io.Image.Input(
+                    "first_frame",
+                    optional=True,
+                    tooltip="Continue from this frame (its last image): MI2V. Unconnected: a hard cut.",
+                ),
+            ],
+            outputs=[
+                io.Latent.Output("latent", display_name="latent"),
+                io.Image.Output("identity", display_name="identity"),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        backbone: Any,
+        selection: Any,
+        clip: Any,
+        positive: Any,
+        negative: Any,
+        vae: Any,
+        reconstruct: str,
+        width: int,
+        height: int,
+        frames: int,
+        steps: int,
+        shift: float,
+        cfg_high: float,
+        cfg_low: float,
+        boundary: float,
+        seed: int,
+        position_scheme: str,
+        solver: str,
+        first_frame: torch.Tensor | None = None,
+    ) -> io.NodeOutput:
+        """Validate, build the texts, sample with progress and interruption; nothing is mutated."""
+        node = cls.NODE
+        loaded = require_backbone(backbone, node)
+        sel = require_selection(selection, node)
+        width, height, frames = int(width), int(height), int(frames)
+        _check_settings(node, width, height, frames, position_scheme, solver)
+        res = sel.bank.resolution
+        if res is not None and res != (height // 8, width // 8):
+            raise ValueError(
+                f"{node}: the memory bank holds frames of about {res[1] * 8}x{res[0] * 8} px but the shot is "
+                f"{width}x{height}; render every shot of a story at one size (or start a new memory bank)."
+            )
+        adapter = ComfyVideoVAE(vae, node)
+        continuation = None
+        if first_frame is not None:
+            if (
+                not isinstance(first_frame, torch.Tensor)
+                or first_frame.ndim != 4
+                or first_frame.shape[-1] != 3
+            ):
+                raise ValueError(f"{node}: 'first_frame' is not an IMAGE [frames, H, W, 3].")
+            if tuple(first_frame.shape[1:3]) != (height, width):
+                raise ValueError(
+                    f"{node}: 'first_frame' is {first_frame.shape[2]}x{first_frame.shape[1]} but the shot is "
+                    f"{width}x{height}; resize the frame or change width/height."
+                )
+            continuation = (first_frame[-1:].detach().float().cpu() * 2 - 1).permute(3, 0, 1, 2)
+        caption = (reconstruct or "").strip() or None
+        request = ShotRequest(
+            prompt="",
+            width=width,
+            height=height,
+            frames=frames,
+            mode="mi2v" if continuation is not None else "cut",
+            reconstruct=caption,
+            scheme=position_scheme,
+            settings=ShotSettings(
+                steps=int(steps),
+                shift=float(shift),
+                boundary=float(boundary),
+                guidance_high=float(cfg_high),
+                guidance_low=float(cfg_low),
+                solver=solver,
+                seed=int(seed),
+            ),
+        )
+        pos = conditioning_tensor(positive, "positive", node)
+        neg = conditioning_tensor(negative, "negative", node)
+        _check_text_width(pos, loaded.text_dim, "positive", node)
+        _check_text_width(neg, loaded.text_dim, "negative", node)
+        identity_t5 = identity_neg = None
+        if uses_identity(request):
+            text = ComfyTextEncoder(clip, node)
+            identity_t5, identity_neg = text.encode(caption or ""), text.encode("")
+        shot_text = ShotText(prompt=pos, negative=neg, identity=identity_t5, identity_negative=identity_neg)
+
+        progress = comfy.utils.ProgressBar(int(steps))
+
+        def on_step(info: StepInfo) -> None:
+            progress.update_absolute(info.step + 1, info.total)
+
+        try:
+            with experts_on_device(loaded):
+                shot = generate_shot(
+                    loaded.backbone,
+                    sel.bank,
+                    request,
+                    adapter,
+                    shot_text,
+                    continuation=continuation,
+                    device=compute_device(),
+                    callback=on_step,
+                    cancel=comfy.model_management.processing_interrupted,
+                )
+        except SamplingCancelled as exc:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            raise comfy.model_management.InterruptProcessingException() from exc
+        except MementoError as exc:
+            raise ValueError(f"{node}: {exc}") from exc
+        if shot.identity is not None:
+            identity_image = video_to_image(adapter.decode(shot.identity))
+        else:
+            identity_image = torch.full((1, height, width, 3), 0.5)
+        return io.NodeOutput({"samples": raw_latent(shot.latent)}, identity_image)
+
+
+def _check_settings(node: str, width: int, height: int, frames: int, scheme: str, solver: str) -> None:
+    if width <= 0 or height <= 0 or width % 16 or height % 16:
+        raise ValueError(f"{node}: width and height must be positive multiples of 16, got {width}x{height}.")
+    if frames < 1 or (frames - 1) % 4:
+        raise ValueError(f"{node}: frames must be of the form 4n+1 (e.g. 81, 49, 17), got {frames}.")
+    if scheme not in SCHEMES:
+        raise ValueError(f"{node}: position_scheme '{scheme}' is not one of {', '.join(SCHEMES)}.")
+    if solver not in SOLVERS:
+        raise ValueError(f"{node}: solver '{solver}' is not one of {', '.join(SOLVERS)}.")
+
+
+NODES: list[type[io.ComfyNode]] = [MementoKeyframeRetrieve, MementoGenerateShot]

@@ -1,0 +1,250 @@
+"""Readable input errors of the Memento nodes, as ComfyUI reports them (real in-process ComfyUI), and
+the Load Story Script / Memory Bank nodes' values."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from tiny_comfy_models import TINY_FILES, install_tiny_models, patch_tiny_umt5
+
+W, H = 64, 32
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_host):
+    paths = install_tiny_models(comfy_host)
+    undo = patch_tiny_umt5()
+    yield paths
+    undo()
+
+
+def pack(host, sub: str):
+    return sys.modules[f"{host.pack_module.__name__}.{sub}"]
+
+
+def backbone(**over) -> dict:
+    inputs = {
+        "high_noise_model": TINY_FILES["high"],
+        "low_noise_model": TINY_FILES["low"],
+        "memento_high": TINY_FILES["memento_high"],
+        "memento_low": TINY_FILES["memento_low"],
+        "weight_dtype": "fp32",
+        "memento_strength": 1.0,
+        "offload": "none",
+        "swap_blocks": 0,
+    }
+    for n in (1, 2, 3):
+        inputs |= {f"lora_{n}": "None", f"strength_{n}": 1.0, f"expert_{n}": "both"}
+    return {"class_type": "MementoLoadBackbone", "inputs": inputs | over}
+
+
+def failed(host, graph: dict) -> str:
+    """Run a graph that must fail in execution; return ComfyUI's error message (no traceback shown)."""
+    run = host.run(graph, check=False)
+    assert not run.success
+    assert run.execution_error is not None, run.error_message
+    assert run.execution_error["exception_type"].endswith("ValueError"), run.error_message
+    return run.error_message or ""
+
+
+def info(bb: dict) -> dict:
+    return {"bb": bb, "show": {"class_type": "PreviewAny", "inputs": {"source": ["bb", 1]}}}
+
+
+def test_backbone_loads_and_describes_itself(comfy_host, tiny):
+    run = comfy_host.run(info(backbone(lora_1=TINY_FILES["memento_low"], strength_1=0.5, expert_1="low")))
+    text = run.ui_text("bb")
+    assert "high-noise expert: tiny_i2v_high.safetensors + backbone_high_noise.safetensors" in text
+    assert "KeyframeQuery: 10 local + 2 global queries" in text and "extra LoRAs: backbone_low_noise" in text
+
+
+def test_t2v_checkpoint_where_i2v_is_needed(comfy_host, tiny):
+    msg = failed(comfy_host, info(backbone(high_noise_model=TINY_FILES["t2v"])))
+    assert "Load Memento Backbone: high-noise expert" in msg and "tiny_t2v" in msg
+    assert "T2V checkpoint (in_dim 16) but an I2V expert (in_dim 36) is required" in msg
+
+
+def test_missing_weights_file(comfy_host, tiny):
+    msg = failed(comfy_host, info(backbone(memento_low="backbone_missing.safetensors")))
+    assert "Memento file 'backbone_missing.safetensors' (memento_low) was not found" in msg
+
+
+def test_fp8_is_refused_with_a_reason(comfy_host, tiny):
+    msg = failed(comfy_host, info(backbone(weight_dtype="fp8")))
+    assert "weight_dtype 'fp8' is not supported" in msg and "bf16" in msg
+
+
+def shot_graph(bank_node: dict, **gen) -> dict:
+    inputs = {
+        "backbone": ["bb", 0],
+        "selection": ["ret", 0],
+        "clip": ["clip", 0],
+        "positive": ["pos", 0],
+        "negative": ["pos", 0],
+        "vae": ["vae", 0],
+        "reconstruct": "",
+        "width": W,
+        "height": H,
+        "frames": 9,
+        "steps": 2,
+        "shift": 5.0,
+        "cfg_high": 3.5,
+        "cfg_low": 3.5,
+        "boundary": 0.9,
+        "seed": 0,
+        "position_scheme": "memento",
+        "solver": "euler",
+    } | gen
+    return {
+        "clip": {
+            "class_type": "CLIPLoader",
+            "inputs": {"clip_name": TINY_FILES["text_encoder"], "type": "wan"},
+        },
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
+        "bb": backbone(),
+        "bank": bank_node,
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": "a cat on a mat"}},
+        "ret": {
+            "class_type": "MementoKeyframeRetrieve",
+            "inputs": {
+                "backbone": ["bb", 0],
+                "memory_bank": ["bank", 0],
+                "clip": ["clip", 0],
+                "prompt": "a cat",
+                "global_caption": "",
+            },
+        },
+        "gen": {"class_type": "MementoGenerateShot", "inputs": inputs},
+        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["gen", 0], "vae": ["vae", 0]}},
+        "out": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}},
+    }
+
+
+def reference_bank(width: int, height: int) -> dict:
+    return {
+        "class_type": "MementoMemoryBank",
+        "inputs": {
+            "policy": "memento",
+            "capacity": 8,
+            "reference_images": ["refs", 0],
+            "vae": ["vae", 0],
+            "reference_captions": "",
+        },
+    }, {
+        "class_type": "EmptyImage",
+        "inputs": {"width": width, "height": height, "batch_size": 2, "color": 255},
+    }
+
+
+def test_bank_and_shot_resolution_mismatch(comfy_host, tiny):
+    bank, refs = reference_bank(W, H)
+    graph = shot_graph(bank, width=W, height=2 * H)
+    graph["refs"] = refs
+    msg = failed(comfy_host, graph)
+    assert (
+        "Memento Generate Shot: the memory bank holds frames of about 64x32 px but the shot is 64x64" in msg
+    )
+
+
+def test_reference_shot_renders_and_size_errors(comfy_host, tiny):
+    bank, refs = reference_bank(W, H)
+    graph = shot_graph(bank)
+    graph["refs"] = refs
+    comfy_host.run(graph)  # MR2V: two pinned references as the first shot's memory
+    graph = shot_graph({"class_type": "MementoMemoryBank", "inputs": {"policy": "memento", "capacity": 8}})
+    graph["gen"]["inputs"]["frames"] = 10
+    assert "frames must be of the form 4n+1" in failed(comfy_host, graph)
+    graph["gen"]["inputs"] |= {"frames": 9, "width": 72}
+    assert "width and height must be positive multiples of 16, got 72x32" in failed(comfy_host, graph)
+
+
+def test_reference_images_need_a_vae(comfy_host, tiny):
+    graph = {
+        "refs": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": W, "height": H, "batch_size": 1, "color": 0},
+        },
+        "bank": {
+            "class_type": "MementoMemoryBank",
+            "inputs": {"policy": "memento", "capacity": 8, "reference_images": ["refs", 0]},
+        },
+        "prev": {"class_type": "MementoMemoryPreview", "inputs": {"memory": ["bank", 0], "tile_height": 32}},
+        "out": {"class_type": "PreviewImage", "inputs": {"images": ["prev", 0]}},
+    }
+    assert "reference_images need the 'vae' input" in failed(comfy_host, graph)
+
+
+def story_graph(path: str = "", text: str = "", index: int = 0) -> dict:
+    return {
+        "story": {
+            "class_type": "MementoLoadStoryScript",
+            "inputs": {"path": path, "text": text, "shot_index": index},
+        },
+        "show": {"class_type": "PreviewAny", "inputs": {"source": ["story", 0]}},
+    }
+
+
+STORY = {
+    "story_name": "harbour",
+    "reconstruct_target": "[Person A] a sailor",
+    "scenes": [
+        {
+            "scene_num": 1,
+            "video_prompts": ["global caption: [Person A]: a sailor; shot caption: walks.", "looks."],
+            "cut": [True, False],
+        },
+        {"scene_num": 2, "video_prompts": ["climbs aboard."], "cut": [True]},
+    ],
+}
+
+
+def test_story_script_values(comfy_host, tiny):
+    input_dir = comfy_host.folder_paths.get_input_directory()
+    with open(f"{input_dir}/harbour.json", "w", encoding="utf-8") as fh:
+        json.dump(STORY, fh)
+    run = comfy_host.run(story_graph(path="harbour.json", index=0))
+    assert run.ui_text("show").strip() == STORY["scenes"][0]["video_prompts"][0]
+    node = pack(comfy_host, "nodes.story_nodes").MementoLoadStoryScript
+    out = node.execute(path="", text=json.dumps(STORY), shot_index=1).args
+    assert out == ("looks.", "looks.", False, "[Person A] a sailor", 3, 1)
+    out = node.execute(path=f"{input_dir}/harbour.json", text="", shot_index=0).args
+    assert out[1] == "[Person A]: a sailor" and out[2] is True and out[4:] == (3, 0)
+
+
+def test_bad_story_script(comfy_host, tiny):
+    msg = failed(comfy_host, story_graph(text='{"story_name": "x", "scenes": [}'))
+    assert "Load Story Script: story script the 'text' input: not valid JSON (line 1" in msg
+    bad = dict(STORY, scenes=[{"scene_num": 1, "video_prompts": ["a"], "cut": ["yes"]}])
+    msg = failed(comfy_host, story_graph(text=json.dumps(bad)))
+    assert "field 'scenes[0].cut[0]': expected true or false" in msg
+    msg = failed(comfy_host, story_graph(path="no_such_story.json"))
+    assert "no_such_story.json: no such file" in msg
+    msg = failed(comfy_host, story_graph(text=json.dumps(STORY), index=3))
+    assert "shot_index 3 is out of range: the story 'harbour' has 3 shots (0..2)" in msg
+
+
+def test_bad_bank_file(comfy_host, tiny, tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a bank")
+    graph = {
+        "bank": {
+            "class_type": "MementoLoadMemoryBank",
+            "inputs": {"path": str(tmp_path / "junk.safetensors")},
+        },
+        "save": {
+            "class_type": "MementoSaveMemoryBank",
+            "inputs": {"memory_bank": ["bank", 0], "filename_prefix": "t/x"},
+        },
+    }
+    assert "Load Memory Bank: memory bank file" in failed(comfy_host, graph)
+
+
+def test_wrong_socket_values_are_named(comfy_host, tiny):
+    shot = pack(comfy_host, "nodes.shot_nodes")
+    with pytest.raises(ValueError, match="the 'backbone' input is not from Load Memento Backbone"):
+        shot.MementoKeyframeRetrieve.execute(backbone=object(), memory_bank=None, clip=None, prompt="x")
+    mem = pack(comfy_host, "nodes.memory_nodes")
+    with pytest.raises(ValueError, match="the 'memory' input is not a memory bank"):
+        mem.MementoUpdateMemory.execute(memory=torch.zeros(1), vae=None, prompt="")
