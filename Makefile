@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint format bench clean-cache
+.PHONY: setup test demo workflows lint format bench clean-cache
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -19,6 +19,10 @@ DEMO_OUT ?= output/demo
 DEMO_ARGS ?= --overwrite
 demo: setup
 	$(PY) -m memento_core.story $(STORY) --out $(DEMO_OUT) $(DEMO_ARGS)
+
+# Regenerates example_workflows/*.json and thumbnails from scripts/make_example_workflows.py.
+workflows: setup
+	$(PY) scripts/make_example_workflows.py
 
 lint: setup
 	$(PY) -m ruff check .

@@ -19,7 +19,8 @@ Model config (JSON; relative paths are relative to the config file)::
       "tokenizer": "Wan2.2-T2V-A14B-Diffusers/tokenizer",
       "vae": "Wan2.2-T2V-A14B-Diffusers/vae",
       "dtype": "bf16", "device": "cuda", "lora_strength": 1.0,
-      "text_device": "cpu"                                  # optional: umT5-XXL (11 GB) off the GPU
+      "text_device": "cpu",                                 # optional: umT5-XXL (11 GB) off the GPU
+      "offload": "swap_experts"                             # optional: one expert on the GPU at a time
     }
 """
 
@@ -74,6 +75,7 @@ class ModelConfig:
     dtype: str = "bf16"
     device: str = "cuda"
     text_device: str | None = None
+    offload: str = "none"
     lora_strength: float = 1.0
     source: str = "<config>"
 
@@ -104,6 +106,8 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise ModelConfigError(f"model config {source}: missing field(s) {missing}")
     if bool(data.get("t2v_high")) != bool(data.get("t2v_low")):
         raise ModelConfigError(f"model config {source}: give both t2v_high and t2v_low, or neither")
+    if data.get("offload", "none") not in ("none", "swap_experts"):
+        raise ModelConfigError(f"model config {source}: field 'offload': expected 'none' or 'swap_experts'")
     if data.get("dtype", "bf16") not in DTYPES:
         raise ModelConfigError(f"model config {source}: field 'dtype': expected one of {list(DTYPES)}")
     base = source.parent
@@ -224,6 +228,8 @@ def real_models(config: ModelConfig) -> Any:
 
     dtype = DTYPES[config.dtype]
     device = config.device
+    swap = config.offload == "swap_experts"
+    load_to = "cpu" if swap else device  # with swapping, experts wait on the CPU until their turn
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelConfigError(
             f"model config {config.source}: device {device!r} but no CUDA GPU is available"
@@ -231,17 +237,17 @@ def real_models(config: ModelConfig) -> Any:
 
     def backbone() -> Backbone:
         high, kfq_high = load_memento_expert(
-            config.i2v_high, config.memento_high, dtype, device, config.lora_strength
+            config.i2v_high, config.memento_high, dtype, load_to, config.lora_strength
         )
         low, kfq_low = load_memento_expert(
-            config.i2v_low, config.memento_low, dtype, device, config.lora_strength
+            config.i2v_low, config.memento_low, dtype, load_to, config.lora_strength
         )
         return Backbone(high, low, kfq_high, kfq_low)
 
     def t2v() -> tuple[Any, Any]:
         return (
-            load_dit(config.t2v_high, dtype=dtype, device=device, expect="t2v"),
-            load_dit(config.t2v_low, dtype=dtype, device=device, expect="t2v"),
+            load_dit(config.t2v_high, dtype=dtype, device=load_to, expect="t2v"),
+            load_dit(config.t2v_low, dtype=dtype, device=load_to, expect="t2v"),
         )
 
     return ModelSet(
@@ -254,4 +260,5 @@ def real_models(config: ModelConfig) -> Any:
         load_backbone=backbone,
         load_t2v=t2v if config.t2v_high else None,
         device=device,
+        swap_experts=swap,
     )

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,6 +44,7 @@ from .keyframe_query import KeyframeQuery
 from .m2v import WAN_NEGATIVE_PROMPT, Backbone, ShotRequest, remember_shot, render_shot
 from .media import FPS, join_mp4, write_mp4
 from .memory import MemoryBank, load_bank, save_bank
+from .offload import ExpertSwap
 from .preview import SheetTile, contact_sheet, save_png, selection_rows
 from .sampling import StepInfo
 from .shot import ShotSettings, ShotText, sample_t2v_shot
@@ -115,7 +117,10 @@ class ModelSet:
     """The models a story needs. The backbone is loaded on first use and kept; the T2V experts (shot 1
     only) are loaded when needed and released right after, as the reference pipeline does.
 
-    kind: "tiny" or "real"; description: JSON-ready facts for the log and for resume checks.
+    kind: "tiny" or "real"; description: JSON-ready facts for the log and for resume checks; device:
+    where sampling runs; swap_experts: the loaders leave the experts on the CPU and only the expert
+    being sampled is moved to ``device`` (``memento_core.offload.ExpertSwap``), so one GPU holds one
+    14B expert at a time.
     """
 
     kind: str
@@ -125,6 +130,7 @@ class ModelSet:
     load_backbone: Callable[[], Backbone]
     load_t2v: Callable[[], tuple[WanDiT, WanDiT]] | None = None
     device: str = "cpu"
+    swap_experts: bool = False
     _backbone: Backbone | None = field(default=None, repr=False)
 
     def backbone(self) -> Backbone:
@@ -410,7 +416,10 @@ def _render_one(
         high, low = models.load_t2v()  # type: ignore[misc]
         text = ShotText(encoder.encode(shot.prompt), encoder.encode(settings.negative))
         size = (latent_frames(settings.frames), settings.height // 8, settings.width // 8)
-        result = sample_t2v_shot(high, low, text, size, shot_settings, callback=progress.step)
+        with _residency(models, high, low):
+            result = sample_t2v_shot(
+                high, low, text, size, shot_settings, device=models.device, callback=progress.step
+            )
         del high, low
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -435,10 +444,12 @@ def _render_one(
             negative=settings.negative,
             settings=shot_settings,
         )
-        record, new_bank = render_shot(
-            models.backbone(), bank, request, models.vae, encoder,
-            previous_video=tail, shot_index=shot.number + 1, callback=progress.step,
-        )  # fmt: skip
+        backbone = models.backbone()
+        with _residency(models, backbone.high, backbone.low):
+            record, new_bank = render_shot(
+                backbone, bank, request, models.vae, encoder, previous_video=tail,
+                shot_index=shot.number + 1, device=models.device, callback=progress.step,
+            )  # fmt: skip
         latent, video, identity = record.latent, record.video, record.identity
         used, selection, positions = record.memory_ids, record.selection, record.positions
         entry.update(record.log())
@@ -463,6 +474,21 @@ def _render_one(
     entry["seconds_total"] = round(time.perf_counter() - t0, 3)
     progress.message(f"{shot.label} done in {entry['seconds_total']:.1f}s -> {files['video']}")
     return entry, new_bank, video[:, -MOTION_FRAMES:]
+
+
+def _residency(models: ModelSet, high: WanDiT, low: WanDiT) -> AbstractContextManager[Any]:
+    """With ``models.swap_experts``: move the expert about to run onto the device, the other off it."""
+    if not models.swap_experts:
+        return nullcontext()
+    experts = {"high": high, "low": low}
+
+    def activate(name: str) -> None:
+        for other, model in experts.items():
+            if other != name:
+                model.to("cpu")
+        experts[name].to(models.device)
+
+    return ExpertSwap(experts, activate).attached()
 
 
 def _reference_latents(settings: RunSettings, vae: VideoVAE) -> Tensor:

@@ -14,9 +14,9 @@ import pytest
 if TYPE_CHECKING:
     from comfy_server import ComfyServer
 
-#: Preload hooks for the session server (see ``comfy_server.start_comfy_server``), for example
-#: ``"tests/tiny_comfy_models.py::patch_tiny_umt5"`` to make ComfyUI's Wan text encoder tiny.
-SERVER_PRELOAD: tuple[str, ...] = ()
+#: Preload hooks for the session server (see ``comfy_server.start_comfy_server``): the test-only patch
+#: that lets ComfyUI's Wan text encoder (CLIPLoader type wan) load the tiny umT5 (tests/test_server_nodes.py).
+SERVER_PRELOAD: tuple[str, ...] = ("tests/tiny_comfy_models.py::patch_tiny_umt5",)
 
 
 @pytest.fixture(scope="session")

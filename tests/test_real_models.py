@@ -9,12 +9,12 @@ loads the 14B weights.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_comfy_models import write_tiny_memento
 
 from memento_core.memory import load_bank
 from memento_core.real_models import (
@@ -64,36 +64,6 @@ def write_text_encoder(folder: Path, tok_folder: Path) -> tuple[Path, Path]:
     return folder, tok_folder
 
 
-def write_memento(path: Path, dim: int, seed: int) -> Path:
-    """A Memento file: rank-8 PEFT LoRA on every target + the 24 KeyframeQuery tensors (bf16)."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = tiny_config("i2v")
-    sd = {}
-    targets = [f"self_attn.{p}" for p in "qkvo"] + [f"cross_attn.{p}" for p in "qkvo"] + ["ffn.0", "ffn.2"]
-    for n in range(cfg.num_layers):
-        for t in targets:
-            o, i = {"ffn.0": (cfg.ffn_dim, dim), "ffn.2": (dim, cfg.ffn_dim)}.get(t, (dim, dim))
-            sd[f"base_model.model.blocks.{n}.{t}.lora_A.weight"] = torch.randn(8, i, generator=g) / math.sqrt(
-                i
-            )
-            sd[f"base_model.model.blocks.{n}.{t}.lora_B.weight"] = torch.randn(o, 8, generator=g) * 0.01
-    kfq = {
-        "queries": torch.randn(10, dim, generator=g),
-        "queries_global": torch.randn(2, dim, generator=g),
-        "memory_patcher.weight": torch.randn(dim, 16, 1, 2, 2, generator=g) * 0.1,
-        "memory_patcher.bias": torch.zeros(dim),
-    }
-    for attn in ("query_to_text", "query_to_visual"):
-        for p in "qkvo":
-            kfq[f"{attn}.{p}.weight"] = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
-            kfq[f"{attn}.{p}.bias"] = torch.zeros(dim)
-        kfq[f"{attn}.norm_q.weight"] = torch.ones(dim)
-        kfq[f"{attn}.norm_k.weight"] = torch.ones(dim)
-    sd.update({f"base_model.model.keyframe_query.{k}": v for k, v in kfq.items()})
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
@@ -106,8 +76,8 @@ def model_dir(tmp_path_factory):
         ("t2v_low", "t2v", 4),
     ]:
         save_file(random_state_dict(tiny_config(kind), seed), root / f"{name}.safetensors")
-    write_memento(root / "backbone_high_noise.safetensors", 256, 5)
-    write_memento(root / "backbone_low_noise.safetensors", 256, 6)
+    write_tiny_memento(root / "backbone_high_noise.safetensors", tiny_config("i2v"), seed=5)
+    write_tiny_memento(root / "backbone_low_noise.safetensors", tiny_config("i2v"), seed=6)
     config = {
         "i2v_high": "i2v_high.safetensors", "i2v_low": "i2v_low.safetensors",
         "t2v_high": "t2v_high.safetensors", "t2v_low": "t2v_low.safetensors",

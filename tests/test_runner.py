@@ -176,3 +176,27 @@ def test_references_as_first_shot_memory(tmp_path):
             load_story(EXAMPLE), tiny_models(),
             replace(settings, references=(str(tmp_path / "nope.png"),)), tmp_path / "o2",
         )  # fmt: skip
+
+
+def test_expert_swap_moves_one_expert_at_a_time(full_run, tmp_path):
+    """swap_experts: before the first high-noise step the low expert leaves the device and the high one
+    arrives, then the reverse at the boundary; results are unchanged."""
+    story = full_run[0]
+    models = tiny_models()
+    models.swap_experts = True
+    backbone = models.backbone()
+    moves: list[tuple[str, str]] = []
+    for name in ("high", "low"):
+        expert = getattr(backbone, name)
+        original = expert.to
+        expert.to = lambda device, *a, _o=original, _n=name, **k: (
+            moves.append((_n, str(device))),
+            _o(device),
+        )[1]
+    settings = replace(SETTINGS, first_shot="empty", max_shots=2)
+    render_story(story, models, settings, tmp_path, progress=Progress(2, enabled=False))
+    per_shot = [("low", "cpu"), ("high", "cpu"), ("high", "cpu"), ("low", "cpu")]  # (other off, this on) x 2
+    assert moves == per_shot * 2
+    render_story(story, tiny_models(), settings, tmp_path / "plain", progress=Progress(2, enabled=False))
+    for label in ("01_01", "01_02"):
+        assert torch.equal(latents(tmp_path, label), latents(tmp_path / "plain", label))

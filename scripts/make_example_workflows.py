@@ -1,0 +1,612 @@
+"""Write the pack's example workflows (``example_workflows/*.json`` + ``.jpg`` thumbnails).
+
+The workflows are authored here in Python with ``tests/workflow_api.py``'s ``WorkflowBuilder`` against
+the real node definitions (``/object_info`` of an in-process ComfyUI 0.3.75 with this pack loaded, see
+``tests/comfy_host.py``), laid out shot by shot, and saved in the UI format the template browser loads
+(``GET /workflow_templates`` lists ``example_workflows/*.json``; a same-named ``.jpg`` is the thumbnail).
+
+    .venv/bin/python scripts/make_example_workflows.py           # (re)write the files
+    .venv/bin/python scripts/make_example_workflows.py --check   # exit 1 if a file is out of date
+
+``tests/test_example_workflows.py`` checks that the shipped files equal what :func:`build_workflows`
+makes, validates them and runs each one on tiny models.
+
+The settings are the real ones an artist uses (832x480, 81 frames, 40 steps, shift 5, boundary 0.9,
+CFG 3.5, 5.0 on a hard cut, seed = base seed + the shot's index within its scene) and the file names
+are the released ones; the thumbnails are drawn here from the graph (no third-party images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS_DIR = REPO_ROOT / "tests"
+OUT_DIR = REPO_ROOT / "example_workflows"
+for _p in (str(TESTS_DIR), str(REPO_ROOT)):
+    if _p not in sys.path:
+        sys.path.append(_p)
+
+from workflow_api import NodeRef, Output, WorkflowBuilder, load_workflow, save_workflow  # noqa: E402
+
+# -- the real settings ---------------------------------------------------------------------------------
+
+HIGH_MODEL = "wan2.2_i2v_high_noise_14B_fp16.safetensors"
+LOW_MODEL = "wan2.2_i2v_low_noise_14B_fp16.safetensors"
+MEMENTO_HIGH = "backbone_high_noise.safetensors"
+MEMENTO_LOW = "backbone_low_noise.safetensors"
+TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+VAE = "wan_2.1_vae.safetensors"
+
+WIDTH, HEIGHT, FRAMES, STEPS = 832, 480, 81, 40
+SHIFT, BOUNDARY = 5.0, 0.9
+CFG, CUT_CFG = 3.5, 5.0
+SEED = 42
+FPS = 16.0
+
+#: Wan2.2's default negative prompt (memento_core.m2v.WAN_NEGATIVE_PROMPT), as the Wan reference uses it.
+NEGATIVE = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+    "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+    "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+#: The story of workflow 1 (example_stories/lighthouse_keeper.json, pasted into the script node).
+STORY_FILE = REPO_ROOT / "example_stories" / "lighthouse_keeper.json"
+
+REFERENCE_IMAGES = ("memento_reference_person.png", "memento_reference_place.png")
+
+#: name -> (title on the thumbnail, one-line description)
+WORKFLOWS: dict[str, tuple[str, str]] = {
+    "memento_3_shot_story": ("Memento: 3-shot story", "memory updates between shots, KeyframeQuery"),
+    "memento_reference_images": ("Memento: reference images", "MR2V: references as pinned memory"),
+    "storymem_continuation": ("StoryMem continuation", "hard cut, then MI2V from the last frame"),
+}
+
+GROUP_COLORS = ("#3f789e", "#a1309b", "#b58b2a", "#8a8", "#444")
+
+
+# -- layout ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Lane:
+    """A titled block of nodes laid out left to right in dependency order, boxed by a group."""
+
+    title: str
+    nodes: list[NodeRef] = field(default_factory=list)
+    note: NodeRef | None = None
+    color: str = GROUP_COLORS[0]
+
+
+class Author:
+    """A WorkflowBuilder plus lanes (one group per lane), laid out lane after lane."""
+
+    def __init__(self, object_info: Mapping[str, Any]) -> None:
+        self.b = WorkflowBuilder(object_info)
+        self.lanes: list[Lane] = []
+        self.lane: Lane | None = None
+
+    def start(self, title: str, note: str, color: str = GROUP_COLORS[0]) -> Lane:
+        lane = Lane(title, color=color)
+        lane.note = self.b.note(note)
+        self.lanes.append(lane)
+        self.lane = lane
+        return lane
+
+    def node(self, class_type: str, inputs: Mapping[str, Any] | None = None, **kw: Any) -> NodeRef:
+        ref = self.b.node(class_type, inputs, **kw)
+        assert self.lane is not None
+        self.lane.nodes.append(ref)
+        return ref
+
+    def build(self) -> dict[str, Any]:
+        workflow = self.b.build()
+        by_id = {n["id"]: n for n in workflow["nodes"]}
+        depth = self.b._depth  # computed by build(): longest path from a source node
+        x = 50.0
+        groups = []
+        for index, lane in enumerate(self.lanes, start=1):
+            top = 80.0
+            members = list(lane.nodes)
+            if lane.note is not None:
+                note = by_id[lane.note.id]
+                note["pos"] = [x, top]
+                top += note["size"][1] + 40.0
+                members.append(lane.note)
+            levels = sorted({depth[r.id] for r in lane.nodes})
+            col_x = x
+            for level in levels:
+                y, width = top, 0.0
+                for ref in (r for r in lane.nodes if depth[r.id] == level):
+                    node = by_id[ref.id]
+                    node["pos"] = [col_x, y]
+                    y += node["size"][1] + 50.0
+                    width = max(width, node["size"][0])
+                col_x += width + 60.0
+            right = max(by_id[r.id]["pos"][0] + by_id[r.id]["size"][0] for r in members)
+            bottom = max(by_id[r.id]["pos"][1] + by_id[r.id]["size"][1] for r in members)
+            groups.append(
+                {
+                    "id": index,
+                    "title": lane.title,
+                    "bounding": [x - 20.0, 80.0 - 60.0, right - x + 40.0, bottom],
+                    "color": lane.color,
+                    "font_size": 24,
+                    "flags": {},
+                }
+            )
+            x = right + 120.0
+        workflow["groups"] = groups
+        return workflow
+
+
+# -- shared pieces ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaders:
+    backbone: NodeRef
+    clip: NodeRef
+    vae: NodeRef
+    negative: NodeRef
+
+
+LOADERS_NOTE = (
+    "Models (put the files in these ComfyUI folders, then press R to refresh the lists):\n"
+    "- models/diffusion_models: wan2.2_i2v_high_noise_14B_fp16.safetensors and "
+    "wan2.2_i2v_low_noise_14B_fp16.safetensors (Wan2.2-I2V-A14B, ComfyUI's repackaged files; bf16 and fp8 "
+    '"scaled" files work too)\n'
+    "- models/memento (or models/loras): backbone_high_noise.safetensors and "
+    "backbone_low_noise.safetensors (Memento: LoRA + KeyframeQuery)\n"
+    "- models/text_encoders: umt5_xxl_fp8_e4m3fn_scaled.safetensors (Load CLIP, type wan)\n"
+    "- models/vae: wan_2.1_vae.safetensors (the Wan 2.1 VAE; Wan2.2-A14B uses it)\n"
+    'Offload "swap experts" keeps one 14B expert on the GPU at a time; use "block swap" on smaller GPUs.'
+)
+
+
+def loaders(a: Author, color: str = GROUP_COLORS[4]) -> Loaders:
+    a.start("Models", LOADERS_NOTE, color)
+    backbone = a.node(
+        "MementoLoadBackbone",
+        high_noise_model=HIGH_MODEL,
+        low_noise_model=LOW_MODEL,
+        memento_high=MEMENTO_HIGH,
+        memento_low=MEMENTO_LOW,
+        weight_dtype="bf16",
+        memento_strength=1.0,
+        offload="swap experts",
+        swap_blocks=20,
+        lora_1="None",
+        lora_2="None",
+        lora_3="None",
+    )
+    clip = a.node("CLIPLoader", clip_name=TEXT_ENCODER, type="wan", device="default")
+    vae = a.node("VAELoader", vae_name=VAE)
+    negative = a.node("CLIPTextEncode", title="Negative prompt", clip=clip, text=NEGATIVE)
+    return Loaders(backbone, clip, vae, negative)
+
+
+@dataclass
+class Shot:
+    retrieve: NodeRef
+    generate: NodeRef
+    decode: NodeRef
+    update: NodeRef
+
+
+def shot(
+    a: Author,
+    m: Loaders,
+    n: int,
+    memory: Output | NodeRef,
+    prompt: Any,
+    *,
+    global_caption: Any = "",
+    reconstruct: Any = "",
+    first_frame: Output | NodeRef | None = None,
+    cfg: float = CFG,
+    seed: int = SEED,
+    scheme: str = "memento",
+    preview_selection: bool = True,
+) -> Shot:
+    """Retrieve -> Generate Shot -> VAE Decode -> Update Memory, plus the shot's video (CreateVideo +
+    SaveVideo). ``prompt``, ``global_caption``, ``reconstruct``: a value or a STRING output."""
+    positive = a.node("CLIPTextEncode", title=f"Shot {n} prompt", clip=m.clip, text=prompt)
+    retrieve = a.node(
+        "MementoKeyframeRetrieve",
+        title=f"Shot {n} Keyframe Query Retrieve",
+        backbone=m.backbone,
+        memory_bank=memory,
+        clip=m.clip,
+        prompt=prompt,
+        global_caption=global_caption,
+        vae=m.vae,
+    )
+    if preview_selection:
+        a.node("PreviewImage", title=f"Shot {n} memory used", images=retrieve["preview"])
+    extra = {"first_frame": first_frame} if first_frame is not None else {}
+    generate = a.node(
+        "MementoGenerateShot",
+        title=f"Shot {n} Generate",
+        backbone=m.backbone,
+        selection=retrieve["selection"],
+        clip=m.clip,
+        positive=positive,
+        negative=m.negative,
+        vae=m.vae,
+        reconstruct=reconstruct,
+        width=WIDTH,
+        height=HEIGHT,
+        frames=FRAMES,
+        steps=STEPS,
+        shift=SHIFT,
+        cfg_high=cfg,
+        cfg_low=cfg,
+        boundary=BOUNDARY,
+        seed=seed,
+        position_scheme=scheme,
+        solver="unipc",
+        controls={"seed": "fixed"},
+        **extra,
+    )
+    decode = a.node("VAEDecode", title=f"Shot {n} decode", samples=generate["latent"], vae=m.vae)
+    video = a.node("CreateVideo", title=f"Shot {n} video", images=decode, fps=FPS)
+    a.node(
+        "SaveVideo",
+        title=f"Shot {n} save",
+        video=video,
+        filename_prefix=f"memento/shot_{n:02d}",
+        format="mp4",
+        codec="h264",
+    )
+    update = a.node(
+        "MementoUpdateMemory",
+        title=f"Shot {n} Update Memory",
+        memory=retrieve["selection"],
+        vae=m.vae,
+        prompt=prompt,
+        images=decode,
+        shot_index=n,
+    )
+    return Shot(retrieve, generate, decode, update)
+
+
+def finish(a: Author, m: Loaders, bank: Output | NodeRef, prefix: str, note: str) -> None:
+    """Save Memory Bank + Memory Preview of the final bank."""
+    a.start("Memory after the story", note, GROUP_COLORS[3])
+    a.node("MementoSaveMemoryBank", title="Save Memory Bank", memory_bank=bank, filename_prefix=prefix)
+    sheet = a.node("MementoMemoryPreview", title="Memory Preview", memory=bank, vae=m.vae, tile_height=120)
+    a.node("PreviewImage", title="Memory bank", images=sheet)
+
+
+FINISH_NOTE = (
+    "The memory bank after the last shot, saved as output/{prefix}_00001.safetensors (Load Memory Bank "
+    "continues the story in another workflow) and shown as a contact sheet (one row per expert pool; "
+    "frame id and story time under each frame)."
+)
+
+
+def _shot_colors(n: int) -> str:
+    return GROUP_COLORS[(n - 1) % 3]
+
+
+# -- workflow 1: a 3-shot story ------------------------------------------------------------------------
+
+
+def story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
+    story = json.loads(STORY_FILE.read_text(encoding="utf-8"))
+    cuts = story["scenes"][0]["cut"]
+    a = Author(object_info)
+    m = loaders(a)
+    a.start(
+        "Story script",
+        "The story script (Memento's JSON: story_name, reconstruct_target, scenes with video_prompts and "
+        "cut) is pasted into the text box below and read once per shot by Load Story Script (shot_index "
+        "0, 1, 2). Or leave the text empty and give a file in ComfyUI's input folder as 'path' on each "
+        "Load Story Script.\nEach shot's prompt feeds its CLIP Text Encode, Keyframe Query Retrieve and "
+        "Update Memory; reconstruct_target feeds the identity slot (reconstruct) of Generate Shot.",
+        GROUP_COLORS[4],
+    )
+    script = a.node(
+        "PrimitiveStringMultiline", title="Story script (JSON)", value=json.dumps(story, indent=2) + "\n"
+    )
+    memory = a.node("MementoMemoryBank", title="Empty memory", policy="memento", capacity=8)
+    bank: Output | NodeRef = memory
+    previous: Shot | None = None
+    describe = {
+        1: "Shot 1 starts from an empty memory: a hard cut (CFG 5.0).",
+        2: "Shot 2 (cut: false in the script) continues from shot 1's last frame: its decoded video goes "
+        "into first_frame (MI2V, CFG 3.5). Its memory is shot 1's 8 frames (no selection needed).",
+        3: "Shot 3 (cut: true) is a hard cut: first_frame is left unconnected and CFG is 5.0. The memory "
+        "holds 16 frames, so each expert's KeyframeQuery picks 6 local + 2 global frames for this prompt.",
+    }
+    for n in (1, 2, 3):
+        cut = bool(cuts[n - 1]) or n == 1
+        a.start(
+            f"Shot {n}",
+            describe[n] + f"\nSeed: base seed {SEED} + the shot's index in its scene ({SEED + n - 1}). "
+            "Update Memory takes the Retrieve's selection, so frames not selected stay evicted, and adds 8 "
+            "evenly spaced frames of this shot.",
+            _shot_colors(n),
+        )
+        line = a.node(
+            "MementoLoadStoryScript", title=f"Story shot {n}", path="", text=script, shot_index=n - 1
+        )
+        s = shot(
+            a,
+            m,
+            n,
+            bank,
+            line["prompt"],
+            global_caption=line["global_caption"],
+            reconstruct=line["reconstruct_target"],
+            first_frame=None if cut else previous.decode if previous else None,
+            cfg=CUT_CFG if cut else CFG,
+            seed=SEED + n - 1,
+        )
+        bank, previous = s.update, s
+    finish(a, m, bank, "memento/lighthouse_memory", FINISH_NOTE.format(prefix="memento/lighthouse_memory"))
+    return a.build()
+
+
+# -- workflow 2: reference images (MR2V) ---------------------------------------------------------------
+
+REF_PROMPTS = (
+    "global caption: [Person A]: a young woman with short black hair, a red raincoat and a green scarf; "
+    "shot caption: [Person A] walks through a narrow market street in the rain, looking at the stalls.",
+    "global caption: [Person A]: a young woman with short black hair, a red raincoat and a green scarf; "
+    "shot caption: [Person A] stops at a flower stall and smiles at the seller, raindrops on her hood.",
+)
+REF_RECONSTRUCT = "[Person A] a young woman with short black hair, a red raincoat and a green scarf"
+
+
+def reference_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
+    a = Author(object_info)
+    m = loaders(a)
+    a.start(
+        "Reference images (MR2V)",
+        "Reference images become the first memory (MR2V): each is resized to the shots' size (832x480, "
+        "the bank's resolution), VAE-encoded alone and pinned (never evicted). Put your images in "
+        "ComfyUI's input folder (or upload them in Load Image): here one of the person and one of the "
+        "place. reference_captions: one line per image.\nMore references: chain another Load Image -> "
+        "Upscale Image -> Batch Images (capacity 8 includes the references).",
+        GROUP_COLORS[4],
+    )
+    images = []
+    for name in REFERENCE_IMAGES:
+        loaded = a.node("LoadImage", title=f"Reference {len(images) + 1}", image=name)
+        images.append(
+            a.node(
+                "ImageScale",
+                title=f"Reference {len(images) + 1} at shot size",
+                image=loaded["IMAGE"],
+                upscale_method="lanczos",
+                width=WIDTH,
+                height=HEIGHT,
+                crop="center",
+            )
+        )
+    batch = a.node("ImageBatch", title="References", image1=images[0], image2=images[1])
+    bank = a.node(
+        "MementoMemoryBank",
+        title="Memory from references",
+        policy="memento",
+        capacity=8,
+        reference_images=batch,
+        vae=m.vae,
+        reference_captions=REF_RECONSTRUCT + "\nthe narrow market street in the rain",
+    )
+    a.node(
+        "PreviewImage",
+        title="References in memory",
+        images=a.node("MementoMemoryPreview", memory=bank, vae=m.vae),
+    )
+    previous: Shot | None = None
+    memory: Output | NodeRef = bank
+    notes = {
+        1: "Shot 1 is rendered from the reference memory (memory-to-video, hard cut, CFG 5.0); the "
+        "identity slot reconstructs [Person A] from the reconstruct caption.",
+        2: "Shot 2 continues from shot 1's last frame (first_frame, MI2V, CFG 3.5); the references stay "
+        "pinned in memory next to shot 1's 8 frames.",
+    }
+    for n in (1, 2):
+        a.start(f"Shot {n}", notes[n] + f"\nSeed {SEED} + index in scene ({SEED + n - 1}).", _shot_colors(n))
+        prompt = a.node("PrimitiveStringMultiline", title=f"Shot {n} text", value=REF_PROMPTS[n - 1])
+        s = shot(
+            a,
+            m,
+            n,
+            memory,
+            prompt,
+            reconstruct=REF_RECONSTRUCT,
+            first_frame=previous.decode if previous else None,
+            cfg=CUT_CFG if previous is None else CFG,
+            seed=SEED + n - 1,
+        )
+        memory, previous = s.update, s
+    finish(a, m, memory, "memento/reference_memory", FINISH_NOTE.format(prefix="memento/reference_memory"))
+    return a.build()
+
+
+# -- workflow 3: StoryMem-style continuation ------------------------------------------------------------
+
+STORYMEM_PROMPTS = (
+    "A fisherman in a grey knitted cap mends a net on a wooden pier at dawn, gulls on the posts behind him.",
+    "Close-up of weathered hands tying a knot in the net, a coil of rope and a rusty bucket beside them.",
+    "The fisherman lifts the mended net, looks out over the harbour and walks towards his small red boat.",
+)
+
+
+def storymem_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
+    a = Author(object_info)
+    m = loaders(a)
+    a.start(
+        "StoryMem memory",
+        "StoryMem-style memory: one pool shared by both experts that keeps its first 3 keyframes (the "
+        "sink) and the most recent ones up to the capacity; frames are placed with StoryMem's fixed "
+        "spacing (position_scheme storymem, no identity slot).",
+        GROUP_COLORS[4],
+    )
+    memory: Output | NodeRef = a.node(
+        "MementoMemoryBank", title="StoryMem memory", policy="storymem", capacity=8
+    )
+    previous: Shot | None = None
+    notes = {
+        1: "Shot 1 starts from the empty memory (a hard cut, CFG 5.0).",
+        2: "Shot 2 is a hard CUT: first_frame is not connected, CFG 5.0. Only the memory (shot 1's "
+        "keyframes) carries the look of the story across the cut.",
+        3: "Shot 3 CONTINUES shot 2 (MI2V): shot 2's decoded video goes into first_frame (its last frame "
+        "is used), CFG 3.5.",
+    }
+    for n in (1, 2, 3):
+        a.start(f"Shot {n}", notes[n] + f"\nSeed {SEED + n - 1}.", _shot_colors(n))
+        prompt = a.node("PrimitiveStringMultiline", title=f"Shot {n} text", value=STORYMEM_PROMPTS[n - 1])
+        continues = n == 3
+        s = shot(
+            a,
+            m,
+            n,
+            memory,
+            prompt,
+            first_frame=previous.decode if continues and previous else None,
+            cfg=CFG if continues else CUT_CFG,
+            seed=SEED + n - 1,
+            scheme="storymem",
+        )
+        memory, previous = s.update, s
+    finish(a, m, memory, "memento/storymem_memory", FINISH_NOTE.format(prefix="memento/storymem_memory"))
+    return a.build()
+
+
+BUILDERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "memento_3_shot_story": story_workflow,
+    "memento_reference_images": reference_workflow,
+    "storymem_continuation": storymem_workflow,
+}
+
+
+def build_workflows(object_info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every example workflow (UI format) by file name (no extension)."""
+    return {name: build(object_info) for name, build in BUILDERS.items()}
+
+
+# -- thumbnails -----------------------------------------------------------------------------------------
+
+
+def _hex(color: str) -> tuple[int, int, int]:
+    c = color.lstrip("#")
+    if len(c) == 3:
+        c = "".join(ch * 2 for ch in c)
+    return (int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16))
+
+
+def draw_thumbnail(
+    workflow: Mapping[str, Any], title: str, subtitle: str, size: tuple[int, int] = (320, 180)
+):
+    """A schematic of the graph (groups, nodes, links) under a title -> PIL image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = size
+    img = Image.new("RGB", size, (24, 26, 30))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    top = 38
+    boxes = [g["bounding"] for g in workflow.get("groups", [])] + [
+        [*n["pos"], *n["size"]] for n in workflow["nodes"]
+    ]
+    x0 = min(b[0] for b in boxes)
+    y0 = min(b[1] for b in boxes)
+    x1 = max(b[0] + b[2] for b in boxes)
+    y1 = max(b[1] + b[3] for b in boxes)
+    sx, sy = (w - 16) / (x1 - x0), (h - top - 8) / (y1 - y0)  # stretched: a schematic, not a screenshot
+
+    def box(b: Sequence[float]) -> list[float]:
+        return [
+            8 + (b[0] - x0) * sx,
+            top + (b[1] - y0) * sy,
+            8 + (b[0] + b[2] - x0) * sx,
+            top + (b[1] + b[3] - y0) * sy,
+        ]
+
+    for g in workflow.get("groups", []):
+        r, gr, bl = _hex(g["color"])
+        d.rectangle(box(g["bounding"]), fill=(r // 3, gr // 3, bl // 3), outline=(r, gr, bl))
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for link in workflow["links"]:
+        a, b = (
+            box([*nodes[link[1]]["pos"], *nodes[link[1]]["size"]]),
+            box([*nodes[link[3]]["pos"], *nodes[link[3]]["size"]]),
+        )
+        d.line([a[2], (a[1] + a[3]) / 2, b[0], (b[1] + b[3]) / 2], fill=(110, 120, 135), width=1)
+    for n in workflow["nodes"]:
+        memento = str(n["type"]).startswith("Memento")
+        fill = (120, 190, 255) if memento else (200, 200, 200)
+        if n["type"] in ("Note", "MarkdownNote"):
+            fill = (90, 90, 70)
+        d.rectangle(box([*n["pos"], *n["size"]]), fill=fill)
+    d.rectangle([0, 0, w, top - 6], fill=(14, 15, 18))
+    d.text((8, 5), title, fill=(255, 255, 255), font=font)
+    d.text((8, 19), subtitle, fill=(170, 200, 230), font=font)
+    return img
+
+
+def write_thumbnail(workflow: Mapping[str, Any], name: str, path: Path) -> Path:
+    title, subtitle = WORKFLOWS[name]
+    draw_thumbnail(workflow, title, subtitle).save(path, format="JPEG", quality=85)
+    return path
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+
+def object_info_in_process() -> dict[str, dict[str, Any]]:
+    """``/object_info`` of an in-process ComfyUI 0.3.75 with this pack (tests/comfy_host.py)."""
+    from comfy_host import start_comfy_host
+    from workflow_api import local_object_info
+
+    start_comfy_host()
+    return local_object_info()
+
+
+def out_of_date(workflows: Mapping[str, Mapping[str, Any]], folder: Path = OUT_DIR) -> list[str]:
+    """Names whose shipped JSON differs from ``workflows`` (or is missing, or has no thumbnail)."""
+    stale = []
+    for name, workflow in workflows.items():
+        path = folder / f"{name}.json"
+        if not path.is_file() or load_workflow(path) != json.loads(json.dumps(workflow)):
+            stale.append(name)
+        elif not (folder / f"{name}.jpg").is_file():
+            stale.append(f"{name} (thumbnail)")
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check that the files are up to date")
+    parser.add_argument(
+        "--out", type=Path, default=OUT_DIR, help="folder to write (default: example_workflows)"
+    )
+    args = parser.parse_args(argv)
+    workflows = build_workflows(object_info_in_process())
+    if args.check:
+        stale = out_of_date(workflows, args.out)
+        for name in stale:
+            print(f"out of date: {args.out / name}")
+        return 1 if stale else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, workflow in workflows.items():
+        save_workflow(workflow, args.out / f"{name}.json")
+        write_thumbnail(workflow, name, args.out / f"{name}.jpg")
+        print(f"wrote {args.out / name}.json ({len(workflow['nodes'])} nodes) and .jpg")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

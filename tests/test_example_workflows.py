@@ -1,0 +1,269 @@
+"""The shipped example workflows (``example_workflows/*.json``, UI format) in a real in-process ComfyUI.
+
+For every workflow: it is what ``scripts/make_example_workflows.py`` makes (regenerating gives the same
+JSON), it has a thumbnail, it validates against the real node definitions, and converted to the API
+prompt the frontend would queue it RUNS on tiny models (the same graph; only model file names, sizes,
+steps and frames are swapped for tiny ones by :func:`tiny_api`). The checks are on what happened:
+shot modes, CFG, seeds and memory selections (recorded by spying on the pack's ``generate_shot`` /
+``select_memory``), the saved videos and the saved memory bank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from tiny_comfy_models import TINY_FILES, install_tiny_models, patch_tiny_umt5
+from workflow_api import assert_valid_ui_workflow, load_workflow, local_object_info, ui_to_api
+
+from memento_core.memory import MemoryBank, load_bank
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW_DIR = REPO_ROOT / "example_workflows"
+NAMES = ("memento_3_shot_story", "memento_reference_images", "storymem_continuation")
+
+W, H, FRAMES, STEPS = 64, 32, 9, 2
+
+
+def load_script() -> Any:
+    """``scripts/make_example_workflows.py`` as a module."""
+    name = "make_example_workflows"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def tiny_api(api: dict[str, dict[str, Any]], tag: str, steps: int = STEPS) -> dict[str, dict[str, Any]]:
+    """The converted prompt with tiny files, 64x32 px, 9 frames, ``steps`` steps and output prefixes
+    under ``<tag>/``; the graph itself is unchanged."""
+    out = json.loads(json.dumps(api))
+    for node in out.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "MementoLoadBackbone":
+            inputs |= {
+                "high_noise_model": TINY_FILES["high"],
+                "low_noise_model": TINY_FILES["low"],
+                "memento_high": TINY_FILES["memento_high"],
+                "memento_low": TINY_FILES["memento_low"],
+                "weight_dtype": "fp32",
+                "offload": "none",
+            }
+        elif kind == "CLIPLoader":
+            inputs["clip_name"] = TINY_FILES["text_encoder"]
+        elif kind == "VAELoader":
+            inputs["vae_name"] = TINY_FILES["vae"]
+        elif kind == "MementoGenerateShot":
+            inputs |= {"width": W, "height": H, "frames": FRAMES, "steps": steps}
+        elif kind == "ImageScale":
+            inputs |= {"width": W, "height": H}
+        if isinstance(inputs.get("filename_prefix"), str):
+            inputs["filename_prefix"] = f"{tag}/{inputs['filename_prefix']}"
+    return out
+
+
+def node_id(api: dict[str, dict[str, Any]], title: str) -> str:
+    """The id of the node titled ``title`` (``ui_to_api(..., meta=True)`` keeps titles in ``_meta``)."""
+    ids = [k for k, v in api.items() if v.get("_meta", {}).get("title") == title]
+    assert len(ids) == 1, (title, ids)
+    return ids[0]
+
+
+def write_reference_images(folder: Path, size: tuple[int, int] = (96, 48)) -> list[Path]:
+    """The PNGs the reference workflow's Load Image nodes name (plain colours, made here)."""
+    script = load_script()
+    paths = []
+    for i, name in enumerate(script.REFERENCE_IMAGES):
+        path = folder / name
+        Image.new("RGB", size, ((200, 60, 40), (40, 120, 200))[i % 2]).save(path)
+        paths.append(path)
+    return paths
+
+
+def saved_bank(result: Any, node: str) -> MemoryBank:
+    """The bank a Save Memory Bank node wrote (its UI text starts with the path)."""
+    return load_bank(result.ui_text(node).splitlines()[0])
+
+
+# -- fixtures ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_host) -> dict[str, Any]:
+    return local_object_info()
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_host):
+    paths = install_tiny_models(comfy_host)
+    undo = patch_tiny_umt5()
+    write_reference_images(Path(comfy_host.folder_paths.get_input_directory()))
+    yield paths
+    undo()
+
+
+@dataclass
+class Calls:
+    generate: list[Any]
+    select: list[Any]
+
+
+@pytest.fixture
+def spy(comfy_host, monkeypatch) -> Iterator[Calls]:
+    """Records each Generate Shot request and each Keyframe Query Retrieve selection."""
+    shot_nodes = sys.modules[f"{comfy_host.pack_module.__name__}.nodes.shot_nodes"]
+    calls = Calls([], [])
+    generate, select = shot_nodes.generate_shot, shot_nodes.select_memory
+
+    def generate_spy(backbone, bank, request, *args, **kwargs):
+        calls.generate.append((request, kwargs.get("continuation") is not None, bank))
+        return generate(backbone, bank, request, *args, **kwargs)
+
+    def select_spy(*args, **kwargs):
+        result = select(*args, **kwargs)
+        calls.select.append(result[1])
+        return result
+
+    monkeypatch.setattr(shot_nodes, "generate_shot", generate_spy)
+    monkeypatch.setattr(shot_nodes, "select_memory", select_spy)
+    yield calls
+
+
+def run_example(comfy_host, object_info, name: str, tag: str) -> tuple[dict[str, Any], Any]:
+    workflow = load_workflow(WORKFLOW_DIR / f"{name}.json")
+    api = tiny_api(ui_to_api(workflow, object_info, meta=True), tag)
+    return api, comfy_host.run(api)
+
+
+def saved_videos(comfy_host, result: Any, api: dict[str, Any]) -> list[Path]:
+    out = Path(comfy_host.folder_paths.get_output_directory())
+    paths = []
+    for node in sorted((k for k, v in api.items() if v["class_type"] == "SaveVideo"), key=int):
+        (item,) = result.ui(node)["images"]
+        paths.append(out / item["subfolder"] / item["filename"])
+    return paths
+
+
+# -- the files ----------------------------------------------------------------------------------------
+
+
+def test_shipped_files_are_what_the_script_makes(object_info) -> None:
+    script = load_script()
+    built = script.build_workflows(object_info)
+    assert sorted(built) == sorted(NAMES)
+    assert sorted(p.stem for p in WORKFLOW_DIR.glob("*.json")) == sorted(NAMES)
+    assert script.out_of_date(built, WORKFLOW_DIR) == [], (
+        "run: .venv/bin/python scripts/make_example_workflows.py"
+    )
+    for name in NAMES:
+        with Image.open(WORKFLOW_DIR / f"{name}.jpg") as thumb:
+            assert thumb.format == "JPEG" and thumb.size == (320, 180)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_is_valid_and_has_the_real_settings(object_info, name: str) -> None:
+    workflow = load_workflow(WORKFLOW_DIR / f"{name}.json")
+    assert_valid_ui_workflow(workflow, object_info)
+    api = ui_to_api(workflow, object_info)
+    kinds = [v["class_type"] for v in api.values()]
+    shots = [v["inputs"] for v in api.values() if v["class_type"] == "MementoGenerateShot"]
+    assert len(shots) == (2 if name == "memento_reference_images" else 3)
+    for s in shots:
+        assert (s["width"], s["height"], s["frames"], s["steps"]) == (832, 480, 81, 40)
+        assert (s["shift"], s["boundary"], s["cfg_high"] == s["cfg_low"]) == (5.0, 0.9, True)
+        assert s["cfg_high"] == (3.5 if "first_frame" in s else 5.0)  # 5.0 on a hard cut
+    (bb,) = (v["inputs"] for v in api.values() if v["class_type"] == "MementoLoadBackbone")
+    assert (bb["high_noise_model"], bb["low_noise_model"]) == (
+        "wan2.2_i2v_high_noise_14B_fp16.safetensors",
+        "wan2.2_i2v_low_noise_14B_fp16.safetensors",
+    )
+    assert (bb["memento_high"], bb["memento_low"], bb["weight_dtype"]) == (
+        "backbone_high_noise.safetensors",
+        "backbone_low_noise.safetensors",
+        "bf16",
+    )
+    (clip,) = (v["inputs"] for v in api.values() if v["class_type"] == "CLIPLoader")
+    assert clip["clip_name"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors" and clip["type"] == "wan"
+    (vae,) = (v["inputs"] for v in api.values() if v["class_type"] == "VAELoader")
+    assert vae["vae_name"] == "wan_2.1_vae.safetensors"
+    for kind in ("VAEDecode", "MementoUpdateMemory", "CreateVideo", "SaveVideo"):
+        assert kinds.count(kind) == len(shots), kind
+    assert kinds.count("MementoSaveMemoryBank") == 1 and "MementoMemoryPreview" in kinds
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    titles = [g["title"] for g in workflow["groups"]]
+    assert len(notes) == len(workflow["groups"]) and all(n["widgets_values"][0] for n in notes)
+    assert [t for t in titles if t.startswith("Shot ")] == [f"Shot {i + 1}" for i in range(len(shots))]
+
+
+# -- running them -------------------------------------------------------------------------------------
+
+
+def test_3_shot_story_runs(comfy_host, object_info, tiny, spy) -> None:
+    api, result = run_example(comfy_host, object_info, "memento_3_shot_story", "ex_story")
+    story = json.loads((REPO_ROOT / "example_stories" / "lighthouse_keeper.json").read_text())
+    prompts = story["scenes"][0]["video_prompts"]
+    videos = saved_videos(comfy_host, result, api)
+    assert len(videos) == 3 and all(p.is_file() and p.stat().st_size > 0 for p in videos)
+    requests = [r for r, _, _ in spy.generate]
+    assert [r.mode for r in requests] == ["cut", "mi2v", "cut"]  # cut flags [true, false, true]
+    assert [r.settings.guidance_high for r in requests] == [5.0, 3.5, 5.0]
+    assert [r.settings.seed for r in requests] == [42, 43, 44]
+    assert all(r.reconstruct == story["reconstruct_target"] for r in requests)  # identity slot on
+    # shot 1: empty memory (no selection); shot 2: shot 1's 8 frames kept; shot 3: 16 -> 6 local + 2 global
+    assert spy.select[0].pools[0].method == "all" and len(spy.select) == 2
+    for pool in spy.select[1].pools:
+        assert pool.method == "kfq" and (len(pool.local_ids), len(pool.global_ids)) == (6, 2)
+        assert len(pool.frame_ids) == 8 and len(pool.evicted_ids) == 8
+    bank = saved_bank(result, node_id(api, "Save Memory Bank"))
+    assert (bank.current_time, bank.shots_done) == (3 * FRAMES, 3)
+    for index, pool in enumerate(("high", "low")):
+        ids = bank.frame_ids(pool)
+        assert len(ids) == 16 and len([i for i in ids if i.startswith("s3f")]) == 8  # 8 selected + 8 new
+        assert not set(spy.select[1].pools[index].evicted_ids) & set(ids)
+    assert next(f.caption for f in bank.frames() if f.frame_id.startswith("s3f")) == prompts[2]
+    assert "story time 27, shots 3" in result.ui_text(node_id(api, "Memory Preview"))
+
+
+def test_reference_images_workflow_runs(comfy_host, object_info, tiny, spy) -> None:
+    api, result = run_example(comfy_host, object_info, "memento_reference_images", "ex_refs")
+    assert len(saved_videos(comfy_host, result, api)) == 2
+    first_bank = spy.generate[0][2]
+    assert [f.frame_id for f in first_bank.frames()] == ["ref0", "ref1"]  # shot 1 sees the references
+    assert [r.mode for r, _, _ in spy.generate] == ["cut", "mi2v"]
+    assert [r.settings.guidance_high for r, _, _ in spy.generate] == [5.0, 3.5]
+    for pool in spy.select[1].pools:  # shot 2: 2 pinned references + shot 1's 8 frames -> 8
+        assert pool.pinned_ids == ("ref0", "ref1") and len(pool.frame_ids) == 8
+    bank = saved_bank(result, node_id(api, "Save Memory Bank"))
+    refs = [f for f in bank.frames() if f.frame_id.startswith("ref")]
+    assert [f.frame_id for f in refs] == ["ref0", "ref1"] and all(f.pinned for f in refs)
+    assert refs[0].caption.startswith("[Person A] a young woman")
+    assert bank.resolution == (H // 8, W // 8) and bank.shots_done == 2
+    for pool in ("high", "low"):
+        assert {"ref0", "ref1"} <= set(bank.frame_ids(pool)) and len(bank.frame_ids(pool)) == 16
+
+
+def test_storymem_continuation_runs(comfy_host, object_info, tiny, spy) -> None:
+    api, result = run_example(comfy_host, object_info, "storymem_continuation", "ex_storymem")
+    assert len(saved_videos(comfy_host, result, api)) == 3
+    requests = [r for r, _, _ in spy.generate]
+    assert [r.mode for r in requests] == ["cut", "cut", "mi2v"]  # a hard cut, then a continuation
+    assert [continued for _, continued, _ in spy.generate] == [False, False, True]
+    assert [r.settings.guidance_high for r in requests] == [5.0, 5.0, 3.5]
+    assert {r.scheme for r in requests} == {"storymem"} and all(r.reconstruct is None for r in requests)
+    assert all(p.method == "storymem" for s in spy.select for p in s.pools)
+    bank = saved_bank(result, node_id(api, "Save Memory Bank"))
+    assert bank.policy == "storymem" and bank.shared
+    assert (bank.current_time, bank.shots_done) == (3 * FRAMES, 3)
+    ids = bank.frame_ids("high")
+    assert ids == bank.frame_ids("low") and len(ids) == 8
+    assert ids[:3] == ["s1f0", "s1f1", "s1f2"] and ids[-1] == "s3f8"  # sink + most recent

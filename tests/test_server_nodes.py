@@ -1,0 +1,158 @@
+"""The Memento nodes and the shipped example workflows in the real ComfyUI 0.3.75 server (HTTP, 127.0.0.1).
+
+The session server (``comfy_server``) runs ``tests/tiny_comfy_models.py::patch_tiny_umt5`` before
+``main.py`` (``SERVER_PRELOAD`` in conftest_server.py), so ``CLIPLoader(type="wan")`` accepts the tiny
+umT5 there. Tiny model files (written by the in-process host's helpers) are copied into the server's
+model folders; the example workflows are taken from ``/workflow_templates``, converted to API prompts,
+made tiny (:func:`test_example_workflows.tiny_api`) and queued with ``POST /prompt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from comfy_server import ComfyServer
+from test_example_workflows import NAMES, WORKFLOW_DIR, node_id, tiny_api, write_reference_images
+from tiny_comfy_models import TINY_FILES, install_tiny_models
+from workflow_api import assert_valid_ui_workflow, input_defs, local_object_info, ui_to_api
+
+from memento_core.memory import load_bank
+
+PACK = "ComfyUI-Memento"
+
+#: Every node the pack registers (nodes.all_nodes()).
+MEMENTO_NODES = (
+    "MementoLoadBackbone",
+    "MementoMemoryBank",
+    "MementoUpdateMemory",
+    "MementoSaveMemoryBank",
+    "MementoLoadMemoryBank",
+    "MementoMemoryPreview",
+    "MementoKeyframeRetrieve",
+    "MementoGenerateShot",
+    "MementoLoadStoryScript",
+    "MementoLoadDiT",
+    "MementoDiTInfo",
+)
+
+#: Folder in the server's models/ for each tiny file.
+FOLDERS = {
+    "vae": "vae",
+    "text_encoder": "text_encoders",
+    "high": "diffusion_models",
+    "low": "diffusion_models",
+    "memento_high": "loras",
+    "memento_low": "loras",
+}
+
+
+def signature(node_def: dict[str, Any]) -> dict[str, Any]:
+    """A node definition without its option lists (model files differ between the two ComfyUIs)."""
+    return {
+        "inputs": [(d.name, d.type, d.optional) for d in input_defs(node_def)],
+        "output": node_def["output"],
+        "output_name": node_def["output_name"],
+        "output_node": node_def["output_node"],
+        "category": node_def["category"],
+        "display_name": node_def["display_name"],
+    }
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server: ComfyServer, comfy_host) -> ComfyServer:
+    """The session server with the tiny model files and the reference images in its folders."""
+    paths = install_tiny_models(comfy_host)
+    for key, folder in FOLDERS.items():
+        target = comfy_server.model_dir(folder) / TINY_FILES[key]
+        if not target.exists():
+            shutil.copyfile(paths[key], target)
+    write_reference_images(comfy_server.root / "input")
+    return comfy_server
+
+
+def served_api(server: ComfyServer, info: dict[str, Any], name: str, tag: str, **kw: Any) -> dict:
+    """The served example workflow, validated, converted (titles kept in _meta) and made tiny."""
+    workflow = server.workflow_template(PACK, name)
+    assert_valid_ui_workflow(workflow, info)
+    return tiny_api(ui_to_api(workflow, info, meta=True), tag, **kw)
+
+
+def test_object_info_lists_every_memento_node(server: ComfyServer, comfy_host) -> None:
+    """/object_info has all the pack's nodes, with the same sockets and types as the pack defines."""
+    info = server.object_info()
+    assert sorted(comfy_host.pack_node_ids) == sorted(MEMENTO_NODES)
+    assert sorted(k for k, v in info.items() if v["category"] == "Memento") == sorted(MEMENTO_NODES)
+    local = local_object_info()
+    for name in MEMENTO_NODES:
+        assert info[name]["python_module"] == f"custom_nodes.{PACK}"
+        assert signature(info[name]) == signature(local[name]), name
+    generate = {d.name: d for d in input_defs(info["MementoGenerateShot"])}
+    assert generate["first_frame"].optional and generate["first_frame"].type == "IMAGE"
+    assert generate["selection"].type == "MEMORY_SELECTION" and generate["positive"].type == "CONDITIONING"
+    assert info["MementoGenerateShot"]["output"] == ["LATENT", "IMAGE"]
+    assert info["MementoKeyframeRetrieve"]["output"] == ["MEMORY_SELECTION", "MEMORY_BANK", "IMAGE"]
+    assert info["MementoLoadStoryScript"]["output"] == ["STRING", "STRING", "BOOLEAN", "STRING", "INT", "INT"]
+    assert info["MementoSaveMemoryBank"]["output_node"] is True
+    backbone = info["MementoLoadBackbone"]["input"]["required"]
+    assert TINY_FILES["high"] in backbone["high_noise_model"][1]["options"]  # the server's own folders
+
+
+def test_workflow_templates_lists_the_examples(server: ComfyServer) -> None:
+    """GET /workflow_templates lists the three workflows under the pack folder; files and thumbnails."""
+    assert sorted(server.workflow_templates()[PACK]) == sorted(NAMES)
+    for name in NAMES:
+        served = server.workflow_template(PACK, name)
+        assert served == json.loads((WORKFLOW_DIR / f"{name}.json").read_text(encoding="utf-8"))
+        status, _ = server.request("GET", f"/api/workflow_templates/{PACK}/{name}.jpg")
+        assert status == 200
+
+
+def test_story_workflow_runs_and_interrupt_keeps_the_saved_bank(server: ComfyServer) -> None:
+    """POST /prompt of the 3-shot story: success. Then the same story with a slow shot 1, interrupted
+    while it samples: execution_interrupted, the bank saved by the first run is byte-for-byte unchanged
+    and no new bank file is written. The next prompt (the StoryMem workflow) runs normally."""
+    info = server.object_info()
+    api = served_api(server, info, "memento_3_shot_story", "srv")
+    entry = server.run(api, timeout=120)
+    assert entry.success and entry.status_str == "success", entry.error_message
+    save = node_id(api, "Save Memory Bank")
+    bank_path = Path(entry.ui_text(save).splitlines()[0])
+    assert (
+        bank_path.is_relative_to(server.output_dir)
+        and bank_path.name == "lighthouse_memory_00001.safetensors"
+    )
+    bank = load_bank(bank_path)
+    assert (bank.shots_done, bank.current_time, len(bank.frame_ids("high"))) == (3, 27, 16)
+    videos = [k for k, v in api.items() if v["class_type"] == "SaveVideo"]
+    assert len(videos) == 3 and all(entry.ui(k)["images"] for k in videos)
+    before = hashlib.sha256(bank_path.read_bytes()).hexdigest()
+
+    slow = json.loads(json.dumps(api))
+    shot1 = node_id(slow, "Shot 1 Generate")
+    slow[shot1]["inputs"]["steps"] = 1000  # minutes on CPU; stopped after a few steps
+    start = time.monotonic()
+    prompt_id = server.queue_prompt(slow)
+    server.wait_executing(prompt_id, shot1, timeout=60)
+    server.wait_event("progress", prompt_id=prompt_id, node=shot1, timeout=60)  # sampling has begun
+    server.interrupt(prompt_id)
+    stopped = server.wait_history(prompt_id, timeout=60)
+    assert stopped.interrupted and not stopped.success, stopped.messages
+    assert stopped.status_str == "error"
+    # only output nodes that ran before shot 1 (its memory preview) report; no video, no bank
+    assert save not in stopped.outputs and not set(videos) & set(stopped.outputs)
+    assert stopped.message("execution_interrupted")["node_id"] == shot1
+    assert stopped.message("execution_interrupted")["node_type"] == "MementoGenerateShot"
+    assert time.monotonic() - start < 30
+    assert hashlib.sha256(bank_path.read_bytes()).hexdigest() == before
+    assert len(list(bank_path.parent.glob("shot_*.mp4"))) == 3  # no video of the stopped run either
+    assert sorted(p.name for p in bank_path.parent.glob("*.safetensors")) == [bank_path.name]
+
+    after = server.run(served_api(server, info, "storymem_continuation", "srv_next"), timeout=120)
+    assert after.success, after.error_message
+    assert sorted(p.name for p in bank_path.parent.glob("*.safetensors")) == [bank_path.name]
