@@ -164,9 +164,14 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a projection computes in: its weight dtype (an fp8-stored layer says its own)."""
+    return getattr(layer, "compute_dtype", None) or layer.weight.dtype
+
+
 def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     """Apply a projection in its weight dtype (what autocast does in the reference)."""
-    return layer(x.to(layer.weight.dtype))
+    return layer(x.to(compute_dtype(layer)))
 
 
 def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
@@ -281,7 +286,7 @@ class WanBlock(nn.Module):
         segments: Segments,
     ) -> Tensor:
         """x: [B, L, dim] float32 residual stream; e0: [B, 6, dim] float32 -> [B, L, dim] float32."""
-        wdtype = self.self_attn.q.weight.dtype
+        wdtype = compute_dtype(self.self_attn.q)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
         h = _layer_norm(x, self.eps) * (1 + scale1) + shift1
         x = x + self.self_attn(h.to(wdtype), rope, segments).float() * gate1
@@ -340,7 +345,7 @@ class WanDiT(nn.Module):
 
     @property
     def weight_dtype(self) -> torch.dtype:
-        return self.blocks[0].self_attn.q.weight.dtype if len(self.blocks) else torch.float32
+        return compute_dtype(self.blocks[0].self_attn.q) if len(self.blocks) else torch.float32
 
     def embed_text(self, context: Tensor) -> Tensor:
         """Zero-pad a T5 output to ``text_len`` tokens and embed it.

@@ -39,6 +39,7 @@ from torch import Tensor
 from .adapters import LATENT_CHANNELS
 from .errors import MementoError, ShapeError
 from .expert import load_memento_expert
+from .fp8 import quantize_fp8
 from .loading import load_dit
 from .m2v import Backbone
 
@@ -51,7 +52,8 @@ __all__ = [
     "real_models",
 ]
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Config dtype -> load dtype ("fp8": loaded and merged in bf16, then block weights stored in fp8).
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 TEXT_LEN = 512
 
 
@@ -242,13 +244,17 @@ def real_models(config: ModelConfig) -> Any:
         low, kfq_low = load_memento_expert(
             config.i2v_low, config.memento_low, dtype, load_to, config.lora_strength
         )
+        if config.dtype == "fp8":
+            quantize_fp8(high)
+            quantize_fp8(low)
         return Backbone(high, low, kfq_high, kfq_low)
 
     def t2v() -> tuple[Any, Any]:
-        return (
+        experts = (
             load_dit(config.t2v_high, dtype=dtype, device=load_to, expect="t2v"),
             load_dit(config.t2v_low, dtype=dtype, device=load_to, expect="t2v"),
         )
+        return tuple(quantize_fp8(e) for e in experts) if config.dtype == "fp8" else experts
 
     return ModelSet(
         kind="real",

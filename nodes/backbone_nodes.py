@@ -5,9 +5,9 @@ Files: base experts from ``models/diffusion_models``; Memento weights (``backbon
 ``backbone_low_noise.safetensors``: LoRA + KeyframeQuery) from ``models/memento`` (a folder this pack
 registers) or ``models/loras``; extra LoRAs from ``models/loras``.
 
-Weight dtype: bf16 (default), fp16, fp32. ``fp8`` is listed but refused with a message: memento_core
-merges the LoRA into the weights and runs every projection in the weight dtype, and PyTorch has no
-fp8 matmul for that; fp8 "scaled" FILES are fine (they are dequantised to the chosen dtype on load).
+Weight dtype: bf16 (default), fp16, fp32, or fp8: loaded in bf16, LoRAs merged, then the block
+projections are stored as fp8 e4m3fn with per-row scales and dequantised to bf16 per projection at run
+time (``memento_core.fp8``; half the memory of bf16). fp8 "scaled" FILES load with any choice.
 
 Model management: each expert (the parts that live on the device, plus its KeyframeQuery) is wrapped
 in a ``comfy.model_patcher.ModelPatcher`` (load device: ComfyUI's torch device, offload device:
@@ -34,6 +34,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..memento_core.expert import MementoExpert, load_memento_expert_report
+from ..memento_core.fp8 import is_fp8, quantize_fp8
 from ..memento_core.m2v import Backbone
 from ..memento_core.offload import BlockSwap, ExpertSwap, resident_modules, swapped_blocks
 from .types import LoadedBackbone, MementoBackboneSocket
@@ -48,7 +49,7 @@ WEIGHT_DTYPES: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "fp32": torch.float32,
-    "fp8": None,  # refused, see the module docstring
+    "fp8": torch.bfloat16,  # loaded and merged in bf16, then stored as fp8 (memento_core.fp8)
 }
 
 #: Offload widget values -> memento_core.offload mode names.
@@ -115,6 +116,7 @@ def _describe(pool: str, base: str, memento: str, expert: MementoExpert) -> str:
         f"{pool}-noise expert: {base} + {memento}\n"
         f"  kind {cfg.model_kind}, dim {cfg.dim}, layers {cfg.num_layers}, heads {cfg.num_heads}, "
         f"text_dim {cfg.text_dim}, dtype {str(expert.dit.weight_dtype).removeprefix('torch.')}"
+        + (" (block weights stored in fp8 e4m3fn)" if is_fp8(expert.dit) else "")
     )
     return head + "\n" + "\n".join("  " + line for line in expert.summary().splitlines())
 
@@ -154,8 +156,8 @@ class MementoLoadBackbone(io.ComfyNode):
                 "weight_dtype",
                 options=list(WEIGHT_DTYPES),
                 default="bf16",
-                tooltip="Precision of the weights. bf16 as Wan2.2 was trained; fp8 is not supported "
-                "(fp8 files load fine, dequantised).",
+                tooltip="Precision of the weights. bf16 as Wan2.2 was trained; fp8 stores the block "
+                "weights in 8 bits (half the memory, computed in bf16; LoRAs are merged first).",
             ),
             io.Float.Input(
                 "memento_strength",
@@ -225,13 +227,6 @@ class MementoLoadBackbone(io.ComfyNode):
                 f"{NODE}: weight_dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}."
             )
         dtype = WEIGHT_DTYPES[weight_dtype]
-        if dtype is None:
-            raise ValueError(
-                f"{NODE}: weight_dtype 'fp8' is not supported: Memento merges its LoRA into the weights and "
-                "runs every projection in the weight dtype, which PyTorch cannot do in fp8. Pick bf16 (fp8 "
-                "checkpoint files are fine: they are dequantised on load) and use offload 'block swap' on "
-                "GPUs with little memory."
-            )
         if offload not in OFFLOAD_CHOICES:
             raise ValueError(f"{NODE}: offload '{offload}' is not one of {', '.join(OFFLOAD_CHOICES)}.")
         mode = OFFLOAD_CHOICES[offload]
@@ -278,6 +273,8 @@ class MementoLoadBackbone(io.ComfyNode):
                 )
             except (ValueError, OSError) as exc:  # CheckpointError / LoraError name the file
                 raise ValueError(f"{NODE}: {pool}-noise expert: {exc}") from exc
+            if weight_dtype == "fp8":
+                quantize_fp8(experts[pool].dit)  # after every LoRA merge
         high, low = experts["high"], experts["low"]
         if high.dit.config.text_dim != low.dit.config.text_dim or high.dit.config.dim != low.dit.config.dim:
             raise ValueError(

@@ -72,9 +72,9 @@ def test_missing_weights_file(comfy_host, tiny):
     assert "Memento file 'backbone_missing.safetensors' (memento_low) was not found" in msg
 
 
-def test_fp8_is_refused_with_a_reason(comfy_host, tiny):
-    msg = failed(comfy_host, info(backbone(weight_dtype="fp8")))
-    assert "weight_dtype 'fp8' is not supported" in msg and "bf16" in msg
+def test_fp8_stores_block_weights_in_fp8(comfy_host, tiny):
+    text = comfy_host.run(info(backbone(weight_dtype="fp8"))).ui_text("bb")
+    assert text.count("dtype bfloat16 (block weights stored in fp8 e4m3fn)") == 2, text
 
 
 def shot_graph(bank_node: dict, **gen) -> dict:

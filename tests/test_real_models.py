@@ -152,3 +152,24 @@ def test_model_config_errors(model_dir, tmp_path):
             load_model_config(bad)
     with pytest.raises(ModelConfigError, match="no such file"):
         load_model_config(tmp_path / "none.json")
+
+
+def test_fp8_and_expert_swap_from_the_config(model_dir, tmp_path):
+    cfg = json.loads((model_dir / "models.json").read_text())
+    cfg = {
+        k: str(model_dir / v) if isinstance(v, str) and (model_dir / v).exists() else v
+        for k, v in cfg.items()
+    }
+    (tmp_path / "m.json").write_text(json.dumps({**cfg, "dtype": "fp8", "offload": "swap_experts"}))
+    config = load_model_config(tmp_path / "m.json")
+    from memento_core.fp8 import is_fp8
+    from memento_core.real_models import real_models
+
+    models = real_models(config)
+    assert models.swap_experts and is_fp8(models.backbone().high) and is_fp8(models.load_t2v()[0])
+    argv = [str(EXAMPLE), "--models", str(tmp_path / "m.json"), "--out", str(tmp_path / "run")]
+    assert (
+        cli([*argv, "--width", "32", "--height", "32", "--frames", "9", "--steps", "2", "--shots", "2"]) == 0
+    )
+    log = json.loads((tmp_path / "run" / "story_log.json").read_text())
+    assert log["models"]["dtype"] == "fp8" and [s["mode"] for s in log["shots"]] == ["t2v", "mi2v"]
