@@ -263,6 +263,8 @@ class MementoGenerateShot(io.ComfyNode):
                 guidance_low=float(cfg_low),
                 solver=solver,
                 seed=int(seed),
+                # Memento re-noises the memory slots every step; StoryMem leaves them as noise (SPEC 5).
+                renoise_memory=position_scheme == "memento",
             ),
         )
         pos = conditioning_tensor(positive, "positive", node)

@@ -217,6 +217,7 @@ def test_3_shot_story_runs(comfy_host, object_info, tiny, spy) -> None:
     requests = [r for r, _, _ in spy.generate]
     assert [r.mode for r in requests] == ["cut", "mi2v", "cut"]  # cut flags [true, false, true]
     assert [r.settings.guidance_high for r in requests] == [5.0, 3.5, 5.0]
+    assert all(r.settings.renoise_memory for r in requests)  # Memento re-noises memory every step
     assert [r.settings.seed for r in requests] == [42, 43, 44]
     assert all(r.reconstruct == story["reconstruct_target"] for r in requests)  # identity slot on
     # shot 1: empty memory (no selection); shot 2: shot 1's 8 frames kept; shot 3: 16 -> 6 local + 2 global
@@ -260,6 +261,7 @@ def test_storymem_continuation_runs(comfy_host, object_info, tiny, spy) -> None:
     assert [continued for _, continued, _ in spy.generate] == [False, False, True]
     assert [r.settings.guidance_high for r in requests] == [5.0, 5.0, 3.5]
     assert {r.scheme for r in requests} == {"storymem"} and all(r.reconstruct is None for r in requests)
+    assert not any(r.settings.renoise_memory for r in requests)  # StoryMem: memory slots stay noise
     assert all(p.method == "storymem" for s in spy.select for p in s.pools)
     bank = saved_bank(result, node_id(api, "Save Memory Bank"))
     assert bank.policy == "storymem" and bank.shared
