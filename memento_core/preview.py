@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -94,7 +95,7 @@ def _draw_labels(image: Tensor, labels: list[tuple[int, int, str]]) -> Tensor:
     for x, y, text in labels:
         if text:
             draw.text((x, y), text, fill=(235, 235, 235))
-    return torch.from_numpy(__import__("numpy").asarray(pil).copy()).float() / 255
+    return torch.from_numpy(np.asarray(pil).copy()).float() / 255
 
 
 def selection_rows(

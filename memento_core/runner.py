@@ -394,8 +394,18 @@ def _render_one(
     progress: Progress,
 ) -> tuple[dict[str, Any], MemoryBank, Tensor]:
     seed = settings.seed + shot.index_in_scene
-    cut = mode in ("cut", "empty", "references", "t2v")
-    guidance = settings.cut_guidance if cut and mode != "t2v" else settings.guidance
+    # T2V and continuing shots use the base CFG; every memory shot that starts afresh (a cut) gets 5.0.
+    guidance = settings.guidance if mode in ("t2v", "mi2v") else settings.cut_guidance
+    t2v = mode == "t2v"
+    shot_settings = ShotSettings(
+        steps=settings.steps,
+        shift=settings.t2v_shift if t2v else settings.shift,
+        boundary=settings.t2v_boundary if t2v else settings.boundary,
+        guidance_high=guidance,
+        guidance_low=guidance,
+        solver=settings.solver,
+        seed=seed,
+    )
     t0 = time.perf_counter()
     entry: dict[str, Any] = {
         "label": shot.label,
@@ -408,11 +418,7 @@ def _render_one(
     }
     if shot.number == 0 and not shot.cut:
         entry["note"] = "the first shot has cut: false but nothing to continue from; rendered as a cut"
-    if mode == "t2v":
-        shot_settings = ShotSettings(
-            steps=settings.steps, shift=settings.t2v_shift, boundary=settings.t2v_boundary,
-            guidance_high=guidance, guidance_low=guidance, solver=settings.solver, seed=seed,
-        )  # fmt: skip
+    if t2v:
         high, low = models.load_t2v()  # type: ignore[misc]
         text = ShotText(encoder.encode(shot.prompt), encoder.encode(settings.negative))
         size = (latent_frames(settings.frames), settings.height // 8, settings.width // 8)
@@ -430,10 +436,6 @@ def _render_one(
     else:
         if mode == "references":
             bank = bank.with_references(_reference_latents(settings, models.vae))
-        shot_settings = ShotSettings(
-            steps=settings.steps, shift=settings.shift, boundary=settings.boundary,
-            guidance_high=guidance, guidance_low=guidance, solver=settings.solver, seed=seed,
-        )  # fmt: skip
         request = ShotRequest(
             prompt=shot.prompt,
             width=settings.width,

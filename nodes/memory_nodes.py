@@ -25,11 +25,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..memento_core.errors import MementoError
 from ..memento_core.m2v import encode_frames, remember_shot
 from ..memento_core.memory import MemoryBank, bank_to_dict, load_bank, save_bank
 from ..memento_core.preview import SheetTile, contact_sheet, selection_rows
 from .comfy_adapters import ComfyVideoVAE, approx_decode, image_to_video
+from .errors import node_errors
 from .types import MemoryBankSocket, MemorySelection, MemorySelectionSocket, require_bank
 
 CATEGORY = "Memento"
@@ -131,10 +131,8 @@ class MementoMemoryBank(io.ComfyNode):
         video = image_to_video(images)
         latents = encode_frames(adapter, video, list(range(video.shape[1])))  # [N, 16, h, w]
         caps = _captions(reference_captions, images.shape[0], node)
-        try:
+        with node_errors(node):
             bank = bank.with_references(latents, captions=caps)
-        except MementoError as exc:
-            raise ValueError(f"{node}: {exc}") from exc
         return io.NodeOutput(bank)
 
 
@@ -206,10 +204,8 @@ class MementoUpdateMemory(io.ComfyNode):
                 f"{node}: the shot has {video.shape[1]} frames; Memento remembers 8 evenly spaced frames, so "
                 "it needs at least 8 (normally 81)."
             )
-        try:
+        with node_errors(node):
             new_bank = remember_shot(bank, adapter, video, prompt, shot_index or None)
-        except MementoError as exc:
-            raise ValueError(f"{node}: {exc}") from exc
         return io.NodeOutput(new_bank)
 
 
@@ -300,10 +296,8 @@ class MementoLoadMemoryBank(io.ComfyNode):
     def execute(cls, path: str) -> io.NodeOutput:
         """Read and validate the file."""
         full = _resolve_bank_path(path, cls.NODE)
-        try:
+        with node_errors(cls.NODE):
             bank = load_bank(full)
-        except MementoError as exc:
-            raise ValueError(f"{cls.NODE}: {exc}") from exc
         return io.NodeOutput(bank)
 
 

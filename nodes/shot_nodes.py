@@ -30,7 +30,6 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..memento_core.errors import MementoError
 from ..memento_core.keyframe_query import split_global_caption
 from ..memento_core.m2v import ShotRequest, generate_shot, select_memory, uses_identity
 from ..memento_core.memory import SCHEMES
@@ -39,6 +38,7 @@ from ..memento_core.sampling import SOLVERS, SamplingCancelled, StepInfo
 from ..memento_core.shot import ShotSettings, ShotText
 from .backbone_nodes import compute_device, experts_on_device, require_backbone
 from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE, conditioning_tensor, raw_latent, video_to_image
+from .errors import node_errors
 from .memory_nodes import preview_decoder, selection_sheet_rows
 from .types import (
     MementoBackboneSocket,
@@ -121,13 +121,10 @@ class MementoKeyframeRetrieve(io.ComfyNode):
             text = ComfyTextEncoder(clip, node)
             prompt_t5, global_t5 = text.encode(prompt), text.encode(glob)
             _check_text_width(prompt_t5, loaded.text_dim, "prompt", node)
-            try:
-                with experts_on_device(loaded) as ensure:
-                    selected, selection = select_memory(
-                        loaded.backbone, bank, prompt_t5, global_t5, before_pool=ensure
-                    )
-            except MementoError as exc:
-                raise ValueError(f"{node}: {exc}") from exc
+            with node_errors(node), experts_on_device(loaded) as ensure:
+                selected, selection = select_memory(
+                    loaded.backbone, bank, prompt_t5, global_t5, before_pool=ensure
+                )
         result = MemorySelection(selected, bank, selection, prompt, glob)
         sheet = contact_sheet(selection_sheet_rows(result, preview_decoder(vae, node)), tile_height=120)
         return io.NodeOutput(result, selected, sheet[None])
@@ -283,7 +280,7 @@ class MementoGenerateShot(io.ComfyNode):
             progress.update_absolute(info.step + 1, info.total)
 
         try:
-            with experts_on_device(loaded):
+            with node_errors(node), experts_on_device(loaded):
                 shot = generate_shot(
                     loaded.backbone,
                     sel.bank,
@@ -298,8 +295,6 @@ class MementoGenerateShot(io.ComfyNode):
         except SamplingCancelled as exc:
             comfy.model_management.throw_exception_if_processing_interrupted()
             raise comfy.model_management.InterruptProcessingException() from exc
-        except MementoError as exc:
-            raise ValueError(f"{node}: {exc}") from exc
         if shot.identity is not None:
             identity_image = video_to_image(adapter.decode(shot.identity))
         else:

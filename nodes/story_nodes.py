@@ -16,7 +16,8 @@ from typing import Any
 import folder_paths
 from comfy_api.latest import io
 
-from ..memento_core.story import Story, StoryError, load_story, parse_story
+from ..memento_core.story import Story, load_story, parse_story
+from .errors import node_errors
 
 CATEGORY = "Memento"
 NODE = "Load Story Script"
@@ -31,14 +32,12 @@ def _resolve(path: str) -> str:
 
 def read_story(path: str, text: str) -> Story:
     """The story from ``text`` when given, else from ``path``; readable ValueErrors."""
-    try:
+    with node_errors(NODE):
         if (text or "").strip():
             return parse_story(text, source="the 'text' input")
         if not (path or "").strip():
             raise ValueError(f"{NODE}: give a story script: a JSON file 'path' or the script as 'text'.")
         return load_story(_resolve(path))
-    except StoryError as exc:
-        raise ValueError(f"{NODE}: {exc}") from exc
 
 
 class MementoLoadStoryScript(io.ComfyNode):

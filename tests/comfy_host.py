@@ -284,6 +284,13 @@ class ComfyHost:
                 raise TypeError(f"{node_id}.{input_name} is not a combo: {spec!r}")
         raise KeyError(f"{node_id} has no input '{input_name}'")
 
+    def pack_submodule(self, name: str) -> ModuleType:
+        """A submodule of the pack as ComfyUI imported it (e.g. ``"nodes.shot_nodes"``): its classes are
+        the ones the nodes check with ``isinstance``."""
+        if self.pack_module is None:
+            raise ComfyHostError("the pack is not loaded")
+        return sys.modules[f"{self.pack_module.__name__}.{name}"]
+
     # -- files ------------------------------------------------------------------------------------
 
     def model_dir(self, folder: str = "diffusion_models") -> Path:

@@ -37,3 +37,15 @@ def comfy_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyHost]:
     host = start_comfy_host(tmp_path_factory.mktemp("comfy_host"))
     yield host
     host.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(comfy_host: ComfyHost) -> Iterator[dict[str, Path]]:
+    """Tiny experts, Memento files, VAE and umT5 installed in the host's model folders, and ComfyUI's
+    wan text encoder patched to accept the tiny umT5 for the module (``tests/tiny_comfy_models.py``)."""
+    from tiny_comfy_models import install_tiny_models, patch_tiny_umt5
+
+    paths = install_tiny_models(comfy_host)
+    undo = patch_tiny_umt5()
+    yield paths
+    undo()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from tiny_comfy_models import TINY_FILES, install_tiny_models, patch_tiny_umt5
+from tiny_comfy_models import TINY_FILES
 from workflow_api import assert_valid_ui_workflow, load_workflow, local_object_info, ui_to_api
 
 from memento_core.memory import MemoryBank, load_bank
@@ -104,12 +104,10 @@ def object_info(comfy_host) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def tiny(comfy_host):
-    paths = install_tiny_models(comfy_host)
-    undo = patch_tiny_umt5()
+def tiny(comfy_host, tiny):
+    """The shared tiny models (conftest) plus the reference images the MR2V workflow loads."""
     write_reference_images(Path(comfy_host.folder_paths.get_input_directory()))
-    yield paths
-    undo()
+    return tiny
 
 
 @dataclass

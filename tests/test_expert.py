@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_comfy_models import kfq_tensors
 
 from memento_core.errors import CheckpointError
 from memento_core.expert import MementoExpert, load_memento_expert, load_memento_expert_report
@@ -20,25 +21,6 @@ TARGETS = (
     "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
     "ffn.0", "ffn.2",
 )  # fmt: skip
-
-
-def kfq_tensors(dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The 24 released KeyframeQuery tensors (names without ``keyframe_query.``)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {
-        "queries": torch.randn(10, dim, generator=g),
-        "queries_global": torch.randn(2, dim, generator=g),
-        "memory_patcher.weight": torch.randn(dim, 16, 1, 2, 2, generator=g) * 0.1,
-        "memory_patcher.bias": torch.randn(dim, generator=g) * 0.02,
-    }
-    for attn in ("query_to_text", "query_to_visual"):
-        for p in "qkvo":
-            out[f"{attn}.{p}.weight"] = torch.randn(dim, dim, generator=g) / math.sqrt(dim)
-            out[f"{attn}.{p}.bias"] = torch.randn(dim, generator=g) * 0.02
-        out[f"{attn}.norm_q.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
-        out[f"{attn}.norm_k.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
-    assert len(out) == 24
-    return out
 
 
 def lora_tensors(cfg, seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -4,25 +4,12 @@ the Load Story Script / Memory Bank nodes' values."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
-from tiny_comfy_models import TINY_FILES, install_tiny_models, patch_tiny_umt5
+from tiny_comfy_models import TINY_FILES
 
 W, H = 64, 32
-
-
-@pytest.fixture(scope="module")
-def tiny(comfy_host):
-    paths = install_tiny_models(comfy_host)
-    undo = patch_tiny_umt5()
-    yield paths
-    undo()
-
-
-def pack(host, sub: str):
-    return sys.modules[f"{host.pack_module.__name__}.{sub}"]
 
 
 def backbone(**over) -> dict:
@@ -207,7 +194,7 @@ def test_story_script_values(comfy_host, tiny):
         json.dump(STORY, fh)
     run = comfy_host.run(story_graph(path="harbour.json", index=0))
     assert run.ui_text("show").strip() == STORY["scenes"][0]["video_prompts"][0]
-    node = pack(comfy_host, "nodes.story_nodes").MementoLoadStoryScript
+    node = comfy_host.pack_submodule("nodes.story_nodes").MementoLoadStoryScript
     out = node.execute(path="", text=json.dumps(STORY), shot_index=1).args
     assert out == ("looks.", "looks.", False, "[Person A] a sailor", 3, 1)
     out = node.execute(path=f"{input_dir}/harbour.json", text="", shot_index=0).args
@@ -242,9 +229,9 @@ def test_bad_bank_file(comfy_host, tiny, tmp_path):
 
 
 def test_wrong_socket_values_are_named(comfy_host, tiny):
-    shot = pack(comfy_host, "nodes.shot_nodes")
+    shot = comfy_host.pack_submodule("nodes.shot_nodes")
     with pytest.raises(ValueError, match="the 'backbone' input is not from Load Memento Backbone"):
         shot.MementoKeyframeRetrieve.execute(backbone=object(), memory_bank=None, clip=None, prompt="x")
-    mem = pack(comfy_host, "nodes.memory_nodes")
+    mem = comfy_host.pack_submodule("nodes.memory_nodes")
     with pytest.raises(ValueError, match="the 'memory' input is not a memory bank"):
         mem.MementoUpdateMemory.execute(memory=torch.zeros(1), vae=None, prompt="")

@@ -11,13 +11,12 @@ offload gives the same latent, and nodes never modify their inputs.
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_comfy_models import TINY_FILES, install_tiny_models, patch_tiny_umt5
+from tiny_comfy_models import TINY_FILES
 
 from memento_core.expert import load_memento_expert
 from memento_core.m2v import Backbone, ShotRequest, render_shot
@@ -33,19 +32,6 @@ PROMPTS = [
 ]
 NEGATIVE = "blurry, static, low quality"
 RECONSTRUCT = "[Person A] a red-haired sailor in a blue coat"
-
-
-@pytest.fixture(scope="module")
-def tiny(comfy_host):
-    paths = install_tiny_models(comfy_host)
-    undo = patch_tiny_umt5()
-    yield paths
-    undo()
-
-
-def pack(host, sub: str):
-    """A submodule of the pack as ComfyUI imported it (its classes are the ones the nodes check)."""
-    return sys.modules[f"{host.pack_module.__name__}.{sub}"]
 
 
 def backbone_inputs(offload: str = "none", swap_blocks: int = 0, **over) -> dict:
@@ -171,7 +157,7 @@ def story(comfy_host, tiny):
 def expected(comfy_host, tiny):
     """memento_core's render_shot with the same files, CLIP and VAE (through the pack's adapters)."""
     nodes = comfy_host.nodes
-    adapters = pack(comfy_host, "nodes.comfy_adapters")
+    adapters = comfy_host.pack_submodule("nodes.comfy_adapters")
     clip = nodes.CLIPLoader().load_clip(TINY_FILES["text_encoder"], "wan")[0]
     vae = adapters.ComfyVideoVAE(nodes.VAELoader().load_vae(TINY_FILES["vae"])[0])
     text = adapters.ComfyTextEncoder(clip)
@@ -303,9 +289,9 @@ def test_nodes_do_not_mutate_their_inputs(comfy_host, story, tiny):
     result, _ = story
     nodes = comfy_host.nodes
     bb_mod, mem, shot = (
-        pack(comfy_host, f"nodes.{m}") for m in ("backbone_nodes", "memory_nodes", "shot_nodes")
+        comfy_host.pack_submodule(f"nodes.{m}") for m in ("backbone_nodes", "memory_nodes", "shot_nodes")
     )
-    bank = pack(comfy_host, "memento_core.memory").load_bank(saved_bank_path(result, "s2_save_bank"))
+    bank = comfy_host.pack_submodule("memento_core.memory").load_bank(saved_bank_path(result, "s2_save_bank"))
     before = _snapshot(bank)
     clip = nodes.CLIPLoader().load_clip(TINY_FILES["text_encoder"], "wan")[0]
     vae = nodes.VAELoader().load_vae(TINY_FILES["vae"])[0]

@@ -239,7 +239,7 @@ LORA_TARGETS = (
 )  # fmt: skip
 
 
-def _kfq_tensors(dim: int, seed: int) -> dict[str, torch.Tensor]:
+def kfq_tensors(dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """The 24 released KeyframeQuery tensors (names without ``keyframe_query.``)."""
     g = _seeded(seed)
     out = {
@@ -254,6 +254,7 @@ def _kfq_tensors(dim: int, seed: int) -> dict[str, torch.Tensor]:
             out[f"{attn}.{p}.bias"] = torch.randn(dim, generator=g) * 0.02
         out[f"{attn}.norm_q.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
         out[f"{attn}.norm_k.weight"] = 1 + 0.1 * torch.randn(dim, generator=g)
+    assert len(out) == 24
     return out
 
 
@@ -274,7 +275,7 @@ def write_tiny_memento(path: str | Path, cfg: Any, seed: int = 1, with_kfq: bool
                 torch.randn(o, LORA_RANK, generator=g) * 0.02 / math.sqrt(LORA_RANK)
             )
     if with_kfq:
-        for name, t in _kfq_tensors(cfg.dim, seed + 100).items():
+        for name, t in kfq_tensors(cfg.dim, seed + 100).items():
             sd[f"base_model.model.keyframe_query.{name}"] = t
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
