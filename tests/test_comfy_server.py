@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,8 +110,10 @@ def test_interrupt_stops_a_running_prompt(comfy_server: ComfyServer) -> None:
     """POST /interrupt while node 3 of a slow chain runs: the next node stops, history says interrupted.
 
     Each 1024<->2048 bicubic resize of 4 images takes 0.3-1.2 s on 2 CPU cores; the whole chain ~8 s.
-    ComfyUI checks the flag when a node starts (and in ProgressBar updates), so node 4 is the one
-    reported. The random colour keeps the server's output cache from answering instantly.
+    ComfyUI checks the flag when a node starts (and in ProgressBar updates). It sends "executing 3"
+    just before node 3's own check, so on a busy machine the interrupt can land in that gap and node 3
+    is the one reported; otherwise node 3 finishes and node 4 is. Either way nothing after it runs.
+    The random colour keeps the server's output cache from answering instantly.
     """
     prompt = {"1": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 4}}}
     prompt["1"]["inputs"]["color"] = random.randint(1, 0xFFFFFF)
@@ -129,26 +130,22 @@ def test_interrupt_stops_a_running_prompt(comfy_server: ComfyServer) -> None:
             },
         }
     prompt["20"] = {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}}
-    start = time.monotonic()
     prompt_id = comfy_server.queue_prompt(prompt)
     comfy_server.wait_executing(prompt_id, "3", timeout=60)
     assert comfy_server.running_prompt_ids() == [prompt_id]
     comfy_server.interrupt(prompt_id)
     entry = comfy_server.wait_history(prompt_id, timeout=60)
-    elapsed = time.monotonic() - start
     assert entry.interrupted and not entry.success, entry.messages
     assert entry.status_str == "error" and entry.completed is False  # 0.3.75 has no "interrupted" status
     stop = entry.message("execution_interrupted")
-    assert stop is not None and stop["node_id"] == "4" and stop["node_type"] == "ImageScale"
-    assert set(stop["executed"]) == {"1", "2", "3"}
+    assert stop is not None and stop["node_id"] in ("3", "4") and stop["node_type"] == "ImageScale"
+    stopped_at = int(stop["node_id"])
+    assert set(stop["executed"]) == {str(i) for i in range(1, stopped_at)}
     assert entry.message("execution_error") is None and entry.outputs == {}
-    assert entry.error_message == "execution interrupted at node 4 (ImageScale)"
+    assert entry.error_message == f"execution interrupted at node {stopped_at} (ImageScale)"
     assert "20" not in comfy_server.executed_nodes(prompt_id)
-    assert (
-        comfy_server.wait_event("execution_interrupted", prompt_id=prompt_id, timeout=5).data["node_id"]
-        == "4"
-    )
-    assert elapsed < 6, elapsed
+    event = comfy_server.wait_event("execution_interrupted", prompt_id=prompt_id, timeout=5)
+    assert event.data["node_id"] == str(stopped_at)
     # The flag is cleared when the next prompt starts: the server runs the next one normally.
     assert comfy_server.run(EXPECTED_API, timeout=60).success
 

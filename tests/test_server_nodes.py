@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +135,6 @@ def test_story_workflow_runs_and_interrupt_keeps_the_saved_bank(server: ComfySer
     slow = json.loads(json.dumps(api))
     shot1 = node_id(slow, "Shot 1 Generate")
     slow[shot1]["inputs"]["steps"] = 1000  # minutes on CPU; stopped after a few steps
-    start = time.monotonic()
     prompt_id = server.queue_prompt(slow)
     server.wait_executing(prompt_id, shot1, timeout=60)
     server.wait_event("progress", prompt_id=prompt_id, node=shot1, timeout=60)  # sampling has begun
@@ -148,7 +146,6 @@ def test_story_workflow_runs_and_interrupt_keeps_the_saved_bank(server: ComfySer
     assert save not in stopped.outputs and not set(videos) & set(stopped.outputs)
     assert stopped.message("execution_interrupted")["node_id"] == shot1
     assert stopped.message("execution_interrupted")["node_type"] == "MementoGenerateShot"
-    assert time.monotonic() - start < 30
     assert hashlib.sha256(bank_path.read_bytes()).hexdigest() == before
     assert len(list(bank_path.parent.glob("shot_*.mp4"))) == 3  # no video of the stopped run either
     assert sorted(p.name for p in bank_path.parent.glob("*.safetensors")) == [bank_path.name]
