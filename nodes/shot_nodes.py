@@ -13,7 +13,9 @@ Memento Generate Shot: positive / negative come as CONDITIONING from CLIP Text E
 the identity slot's texts (the reconstruct caption, and "" for its unconditional pass, SPEC 4.4) are
 encoded with the CLIP input. The memory frames' latents are used as stored (never decoded). Mode:
 "mi2v" (continue from a frame) when ``first_frame`` is connected (its LAST image is used, so the
-previous shot's whole decoded video can be wired in), else "cut". Output LATENT: the target latents
+previous shot's whole decoded video can be wired in) and ``cut`` is false, else "cut" (M2V). ``cut``
+takes Load Story Script's cut flag, so one graph follows the script; on a cut, ``cut_cfg_boost`` is
+added to both CFGs (Memento's runner: 3.5 + 1.5 = 5.0 on a hard cut). Output LATENT: the target latents
 in ComfyUI's raw convention (like KSampler; connect VAE Decode), and the identity slot decoded (a
 gray frame without identity slot). The seed is ``ShotSettings.seed`` (noise from a CPU generator: the
 same on every device); Memento's story runner uses ``seed + shot index within the scene``.
@@ -181,10 +183,28 @@ class MementoGenerateShot(io.ComfyNode):
                     "sequential: legacy.",
                 ),
                 io.Combo.Input("solver", options=list(SOLVERS), default="unipc"),
+                io.Boolean.Input(
+                    "cut",
+                    default=False,
+                    optional=True,
+                    tooltip="A hard cut: ignore first_frame and render from memory alone (M2V). Connect "
+                    "Load Story Script's 'cut' so the script decides.",
+                ),
+                io.Float.Input(
+                    "cut_cfg_boost",
+                    default=0.0,
+                    optional=True,
+                    min=0.0,
+                    max=30.0,
+                    step=0.1,
+                    tooltip="Added to cfg_high and cfg_low on a hard cut (no first frame used). Memento's "
+                    "story runner uses 1.5 (CFG 3.5 -> 5.0 after a cut).",
+                ),
                 io.Image.Input(
                     "first_frame",
                     optional=True,
-                    tooltip="Continue from this frame (its last image): MI2V. Unconnected: a hard cut.",
+                    tooltip="Continue from this frame (its last image): MI2V, unless 'cut' is on. "
+                    "Unconnected: a hard cut.",
                 ),
             ],
             outputs=[
@@ -214,6 +234,8 @@ class MementoGenerateShot(io.ComfyNode):
         seed: int,
         position_scheme: str,
         solver: str,
+        cut: bool = False,
+        cut_cfg_boost: float = 0.0,
         first_frame: torch.Tensor | None = None,
     ) -> io.NodeOutput:
         """Validate, build the texts, sample with progress and interruption; nothing is mutated."""
@@ -229,8 +251,10 @@ class MementoGenerateShot(io.ComfyNode):
                 f"{width}x{height}; render every shot of a story at one size (or start a new memory bank)."
             )
         adapter = ComfyVideoVAE(vae, node)
+        if not cut_cfg_boost >= 0.0:
+            raise ValueError(f"{node}: 'cut_cfg_boost' must be 0 or more, got {cut_cfg_boost}.")
         continuation = None
-        if first_frame is not None:
+        if first_frame is not None and not cut:
             if (
                 not isinstance(first_frame, torch.Tensor)
                 or first_frame.ndim != 4
@@ -244,6 +268,7 @@ class MementoGenerateShot(io.ComfyNode):
                 )
             continuation = (first_frame[-1:].detach().float().cpu() * 2 - 1).permute(3, 0, 1, 2)
         caption = (reconstruct or "").strip() or None
+        boost = float(cut_cfg_boost) if continuation is None else 0.0
         request = ShotRequest(
             prompt="",
             width=width,
@@ -256,8 +281,8 @@ class MementoGenerateShot(io.ComfyNode):
                 steps=int(steps),
                 shift=float(shift),
                 boundary=float(boundary),
-                guidance_high=float(cfg_high),
-                guidance_low=float(cfg_low),
+                guidance_high=float(cfg_high) + boost,
+                guidance_low=float(cfg_low) + boost,
                 solver=solver,
                 seed=int(seed),
                 # Memento re-noises the memory slots every step; StoryMem leaves them as noise (SPEC 5).

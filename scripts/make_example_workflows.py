@@ -211,13 +211,14 @@ def shot(
     global_caption: Any = "",
     reconstruct: Any = "",
     first_frame: Output | NodeRef | None = None,
-    cfg: float = CFG,
+    cut: Any = False,
     seed: int = SEED,
     scheme: str = "memento",
     preview_selection: bool = True,
 ) -> Shot:
     """Retrieve -> Generate Shot -> VAE Decode -> Update Memory, plus the shot's video (CreateVideo +
-    SaveVideo). ``prompt``, ``global_caption``, ``reconstruct``: a value or a STRING output."""
+    SaveVideo). ``prompt``, ``global_caption``, ``reconstruct``: a value or a STRING output; ``cut``: a
+    bool or a BOOLEAN output. CFG 3.5, plus 1.5 on a hard cut (Generate Shot's cut_cfg_boost)."""
     positive = a.node("CLIPTextEncode", title=f"Shot {n} prompt", clip=m.clip, text=prompt)
     retrieve = a.node(
         "MementoKeyframeRetrieve",
@@ -247,12 +248,14 @@ def shot(
         frames=FRAMES,
         steps=STEPS,
         shift=SHIFT,
-        cfg_high=cfg,
-        cfg_low=cfg,
+        cfg_high=CFG,
+        cfg_low=CFG,
         boundary=BOUNDARY,
         seed=seed,
         position_scheme=scheme,
         solver="unipc",
+        cut=cut,
+        cut_cfg_boost=CUT_CFG - CFG,
         controls={"seed": "fixed"},
         **extra,
     )
@@ -311,7 +314,8 @@ def story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
         "cut) is pasted into the text box below and read once per shot by Load Story Script (shot_index "
         "0, 1, 2). Or leave the text empty and give a file in ComfyUI's input folder as 'path' on each "
         "Load Story Script.\nEach shot's prompt feeds its CLIP Text Encode, Keyframe Query Retrieve and "
-        "Update Memory; reconstruct_target feeds the identity slot (reconstruct) of Generate Shot.",
+        "Update Memory; reconstruct_target feeds the identity slot (reconstruct) of Generate Shot, and "
+        "the cut flag feeds Generate Shot's 'cut': edit the script's cut list and the shots follow it.",
         GROUP_COLORS[4],
     )
     script = a.node(
@@ -321,14 +325,15 @@ def story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     bank: Output | NodeRef = memory
     previous: Shot | None = None
     describe = {
-        1: "Shot 1 starts from an empty memory: a hard cut (CFG 5.0).",
-        2: "Shot 2 (cut: false in the script) continues from shot 1's last frame: its decoded video goes "
-        "into first_frame (MI2V, CFG 3.5). Its memory is shot 1's 8 frames (no selection needed).",
-        3: "Shot 3 (cut: true) is a hard cut: first_frame is left unconnected and CFG is 5.0. The memory "
-        "holds 16 frames, so each expert's KeyframeQuery picks 6 local + 2 global frames for this prompt.",
+        1: "Shot 1 starts from an empty memory: a hard cut (CFG 3.5 + cut_cfg_boost 1.5 = 5.0).",
+        2: "Shot 2 (cut: false in the script) continues from shot 1's last frame: shot 1's decoded video "
+        "goes into first_frame (MI2V, CFG 3.5). Its memory is shot 1's 8 frames (no selection needed).",
+        3: "Shot 3 (cut: true in the script) is a hard cut: Generate Shot ignores first_frame and adds "
+        "cut_cfg_boost (CFG 5.0). The memory holds 16 frames, so each expert's KeyframeQuery picks 6 "
+        "local + 2 global frames for this prompt.",
     }
+    assert [bool(c) for c in cuts[:3]] == [True, False, True], "the notes describe these cut flags"
     for n in (1, 2, 3):
-        cut = bool(cuts[n - 1]) or n == 1
         a.start(
             f"Shot {n}",
             describe[n] + f"\nSeed: base seed {SEED} + the shot's index in its scene ({SEED + n - 1}). "
@@ -347,8 +352,8 @@ def story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
             line["prompt"],
             global_caption=line["global_caption"],
             reconstruct=line["reconstruct_target"],
-            first_frame=None if cut else previous.decode if previous else None,
-            cfg=CUT_CFG if cut else CFG,
+            first_frame=previous.decode if previous else None,
+            cut=line["cut"],
             seed=SEED + n - 1,
         )
         bank, previous = s.update, s
@@ -411,7 +416,7 @@ def reference_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     previous: Shot | None = None
     memory: Output | NodeRef = bank
     notes = {
-        1: "Shot 1 is rendered from the reference memory (memory-to-video, hard cut, CFG 5.0); the "
+        1: "Shot 1 is rendered from the reference memory (memory-to-video, hard cut, CFG 3.5 + 1.5); the "
         "identity slot reconstructs [Person A] from the reconstruct caption.",
         2: "Shot 2 continues from shot 1's last frame (first_frame, MI2V, CFG 3.5); the references stay "
         "pinned in memory next to shot 1's 8 frames.",
@@ -427,7 +432,7 @@ def reference_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
             prompt,
             reconstruct=REF_RECONSTRUCT,
             first_frame=previous.decode if previous else None,
-            cfg=CUT_CFG if previous is None else CFG,
+            cut=previous is None,
             seed=SEED + n - 1,
         )
         memory, previous = s.update, s
@@ -459,24 +464,24 @@ def storymem_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     )
     previous: Shot | None = None
     notes = {
-        1: "Shot 1 starts from the empty memory (a hard cut, CFG 5.0).",
-        2: "Shot 2 is a hard CUT: first_frame is not connected, CFG 5.0. Only the memory (shot 1's "
-        "keyframes) carries the look of the story across the cut.",
-        3: "Shot 3 CONTINUES shot 2 (MI2V): shot 2's decoded video goes into first_frame (its last frame "
-        "is used), CFG 3.5.",
+        1: "Shot 1 starts from the empty memory (a hard cut, CFG 3.5 + cut_cfg_boost 1.5 = 5.0).",
+        2: "Shot 2 is a hard CUT: 'cut' is on, so Generate Shot ignores first_frame and adds cut_cfg_boost "
+        "(CFG 5.0). Only the memory (shot 1's keyframes) carries the look of the story across the cut. "
+        "Turn 'cut' off to continue from shot 1's last frame instead.",
+        3: "Shot 3 CONTINUES shot 2 (MI2V, 'cut' off): shot 2's decoded video goes into first_frame (its "
+        "last frame is used), CFG 3.5.",
     }
     for n in (1, 2, 3):
         a.start(f"Shot {n}", notes[n] + f"\nSeed {SEED + n - 1}.", _shot_colors(n))
         prompt = a.node("PrimitiveStringMultiline", title=f"Shot {n} text", value=STORYMEM_PROMPTS[n - 1])
-        continues = n == 3
         s = shot(
             a,
             m,
             n,
             memory,
             prompt,
-            first_frame=previous.decode if continues and previous else None,
-            cfg=CFG if continues else CUT_CFG,
+            first_frame=previous.decode if previous else None,
+            cut=n != 3,
             seed=SEED + n - 1,
             scheme="storymem",
         )

@@ -179,7 +179,7 @@ def test_workflow_is_valid_and_has_the_real_settings(object_info, name: str) -> 
     for s in shots:
         assert (s["width"], s["height"], s["frames"], s["steps"]) == (832, 480, 81, 40)
         assert (s["shift"], s["boundary"], s["cfg_high"] == s["cfg_low"]) == (5.0, 0.9, True)
-        assert s["cfg_high"] == (3.5 if "first_frame" in s else 5.0)  # 5.0 on a hard cut
+        assert (s["cfg_high"], s["cut_cfg_boost"]) == (3.5, 1.5)  # 3.5, and 5.0 on a hard cut
     (bb,) = (v["inputs"] for v in api.values() if v["class_type"] == "MementoLoadBackbone")
     assert (bb["high_noise_model"], bb["low_noise_model"]) == (
         "wan2.2_i2v_high_noise_14B_fp16.safetensors",
@@ -231,6 +231,23 @@ def test_3_shot_story_runs(comfy_host, object_info, tiny, spy) -> None:
         assert not set(spy.select[1].pools[index].evicted_ids) & set(ids)
     assert next(f.caption for f in bank.frames() if f.frame_id.startswith("s3f")) == prompts[2]
     assert "story time 27, shots 3" in result.ui_text(node_id(api, "Memory Preview"))
+
+
+def test_3_shot_story_follows_the_scripts_cut_flags(comfy_host, object_info, tiny, spy) -> None:
+    """Edit only the pasted script's cut list to [true, true, false]: shot 2 becomes a hard cut (first
+    frame ignored, CFG 5.0) and shot 3 continues from shot 2's last frame (CFG 3.5)."""
+    workflow = load_workflow(WORKFLOW_DIR / "memento_3_shot_story.json")
+    api = tiny_api(ui_to_api(workflow, object_info, meta=True), "ex_story_cuts")
+    script = node_id(api, "Story script (JSON)")
+    story = json.loads(api[script]["inputs"]["value"])
+    story["scenes"][0]["cut"] = [True, True, False]
+    api[script]["inputs"]["value"] = json.dumps(story)
+    result = comfy_host.run(api)
+    assert len(saved_videos(comfy_host, result, api)) == 3
+    assert [r.mode for r, _, _ in spy.generate] == ["cut", "cut", "mi2v"]
+    assert [continued for _, continued, _ in spy.generate] == [False, False, True]
+    assert [r.settings.guidance_high for r, _, _ in spy.generate] == [5.0, 5.0, 3.5]
+    assert [r.settings.guidance_low for r, _, _ in spy.generate] == [5.0, 5.0, 3.5]
 
 
 def test_reference_images_workflow_runs(comfy_host, object_info, tiny, spy) -> None:
