@@ -259,12 +259,14 @@ def render_shot(
     device: torch.device | str | None = None,
     callback: Callable[[StepInfo], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    before_pool: Callable[[str], None] | None = None,
 ) -> tuple[ShotRecord, MemoryBank]:
     """Render one shot with memory and return it with the updated bank (the input bank is unchanged).
 
     The bank's frames for the shot are selected first (KeyframeQuery per expert, given THIS shot's
     prompt), then the shot is sampled, decoded, and its 8 evenly spaced frames are re-encoded one by
     one into the bank (SPEC 4.6). previous_video: [3, F, H, W] of the previous shot, for mi2v/mm2v.
+    before_pool(pool): see :func:`select_memory` (brings an expert onto the device before its selection).
     Composition: ``encode_shot_text`` -> ``select_memory`` -> ``generate_shot`` -> decode ->
     ``remember_shot``.
     """
@@ -274,7 +276,9 @@ def render_shot(
     bank_for_shot, selection = bank, None
     if len(bank.pool("high")) or len(bank.pool("low")):
         global_t5 = text_encoder.encode(split_global_caption(request.prompt))
-        bank_for_shot, selection = select_memory(backbone, bank, text.prompt, global_t5)
+        bank_for_shot, selection = select_memory(
+            backbone, bank, text.prompt, global_t5, before_pool=before_pool
+        )
     timings: dict[str, float] = {"select": time.perf_counter() - t0}
 
     shot = generate_shot(

@@ -27,8 +27,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -53,6 +53,7 @@ from .tiny import tiny_dit
 
 __all__ = [
     "ModelSet",
+    "RunFolderError",
     "RunSettings",
     "RunnerError",
     "cli",
@@ -66,6 +67,15 @@ FIRST_SHOT_MODES = ("t2v", "empty", "references")
 
 class RunnerError(MementoError):
     """A story run cannot start or continue (bad settings, a folder from another run, missing state)."""
+
+
+class RunFolderError(RunnerError):
+    """The output folder holds a run that may not be continued: ``differs`` names the inputs that differ
+    (resume refused), or is empty when resuming was not asked for (nothing is overwritten silently)."""
+
+    def __init__(self, message: str, folder: Path, differs: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.folder, self.differs = folder, list(differs)
 
 
 @dataclass(frozen=True)
@@ -117,10 +127,12 @@ class ModelSet:
     """The models a story needs. The backbone is loaded on first use and kept; the T2V experts (shot 1
     only) are loaded when needed and released right after, as the reference pipeline does.
 
-    kind: "tiny" or "real"; description: JSON-ready facts for the log and for resume checks; device:
-    where sampling runs; swap_experts: the loaders leave the experts on the CPU and only the expert
-    being sampled is moved to ``device`` (``memento_core.offload.ExpertSwap``), so one GPU holds one
-    14B expert at a time.
+    kind: "tiny", "real" or "comfyui"; description: JSON-ready facts for the log and for resume checks;
+    device: where sampling runs; swap_experts: the loaders leave the experts on the CPU and only the
+    expert being sampled is moved to ``device`` (``memento_core.offload.ExpertSwap``), so one GPU holds
+    one 14B expert at a time. placement: when given, it places the backbone's experts for a memory shot
+    instead (a context manager yielding ``ensure(pool)``, called before a pool's KeyframeQuery runs);
+    the ComfyUI node passes ComfyUI's model management here.
     """
 
     kind: str
@@ -131,6 +143,7 @@ class ModelSet:
     load_t2v: Callable[[], tuple[WanDiT, WanDiT]] | None = None
     device: str = "cpu"
     swap_experts: bool = False
+    placement: Callable[[Backbone], AbstractContextManager[Callable[[str], None] | None]] | None = None
     _backbone: Backbone | None = field(default=None, repr=False)
 
     def backbone(self) -> Backbone:
@@ -321,14 +334,17 @@ def render_story(
     run_file = state_dir / "run.json"
     if run_file.exists() and not overwrite:
         if not resume:
-            raise RunnerError(
-                f"{out} already holds a story run; pass --resume to continue it or --overwrite to start over"
+            raise RunFolderError(
+                f"{out} already holds a story run; pass --resume to continue it or --overwrite to start over",
+                out,
             )
         before = json.loads(run_file.read_text(encoding="utf-8"))
         if differs := _diff(before, fingerprint):
-            raise RunnerError(
+            raise RunFolderError(
                 f"--resume: {out} was rendered with different inputs ({', '.join(differs)}); "
-                "use the same story, settings and models, or another folder"
+                "use the same story, settings and models, or another folder",
+                out,
+                differs,
             )
         old_log = json.loads(log_path.read_text(encoding="utf-8")) if log_path.exists() else {"shots": []}
         by_label = {entry["label"]: entry for entry in old_log.get("shots", [])}
@@ -340,7 +356,7 @@ def render_story(
             finished = _load_state(state_dir, shots[len(done) - 1])
         progress.message(f"resuming {story.name!r} after {len(done)} finished shot(s) of {len(shots)}")
     elif resume and not run_file.exists():
-        progress.message(f"--resume: nothing to resume in {out}; starting from the first shot")
+        progress.message(f"nothing to resume in {out}; starting from the first shot")
     state_dir.mkdir(parents=True, exist_ok=True)
     _atomic_json(fingerprint, run_file)
 
@@ -447,10 +463,12 @@ def _render_one(
             settings=shot_settings,
         )
         backbone = models.backbone()
-        with _residency(models, backbone.high, backbone.low):
+        placement = models.placement or (lambda b: _residency(models, b.high, b.low))
+        with placement(backbone) as ensure:
             record, new_bank = render_shot(
                 backbone, bank, request, models.vae, encoder, previous_video=tail,
                 shot_index=shot.number + 1, device=models.device, callback=progress.step,
+                before_pool=ensure,
             )  # fmt: skip
         latent, video, identity = record.latent, record.video, record.identity
         used, selection, positions = record.memory_ids, record.selection, record.positions
@@ -478,10 +496,13 @@ def _render_one(
     return entry, new_bank, video[:, -MOTION_FRAMES:]
 
 
-def _residency(models: ModelSet, high: WanDiT, low: WanDiT) -> AbstractContextManager[Any]:
-    """With ``models.swap_experts``: move the expert about to run onto the device, the other off it."""
+@contextmanager
+def _residency(models: ModelSet, high: WanDiT, low: WanDiT) -> Iterator[None]:
+    """With ``models.swap_experts``: move the expert about to run onto the device, the other off it.
+    (The KeyframeQuerys stay where they were loaded, so no ``ensure`` hook is needed: yields None.)"""
     if not models.swap_experts:
-        return nullcontext()
+        yield None
+        return
     experts = {"high": high, "low": low}
 
     def activate(name: str) -> None:
@@ -490,7 +511,8 @@ def _residency(models: ModelSet, high: WanDiT, low: WanDiT) -> AbstractContextMa
                 model.to("cpu")
         experts[name].to(models.device)
 
-    return ExpertSwap(experts, activate).attached()
+    with ExpertSwap(experts, activate).attached():
+        yield None
 
 
 def _reference_latents(settings: RunSettings, vae: VideoVAE) -> Tensor:

@@ -301,6 +301,13 @@ class MementoLoadBackbone(io.ComfyNode):
             swap_blocks=n_swap,
             summary=summary,
             files={pool: files[pool][0] for pool in files},
+            facts={
+                "experts": {pool: files[pool][1] for pool in files},
+                "memento": {pool: memento[pool][1] for pool in memento},
+                "memento_strength": float(memento_strength),
+                "weight_dtype": weight_dtype,
+                "extra_loras": {pool: names[pool] for pool in names},
+            },
         )
         return io.NodeOutput(loaded, summary, ui=ui.PreviewText(summary))
 

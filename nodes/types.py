@@ -42,7 +42,9 @@ class LoadedBackbone:
     backbone: the experts and KeyframeQuerys; patchers: "high"/"low" -> ``comfy.model_patcher.ModelPatcher``
     over the parts of the expert that live on the device (all of it unless block swap); offload: "none",
     "swap_experts" or "block_swap"; swap_blocks: blocks kept on the CPU per expert (block_swap);
-    summary: readable description.
+    summary: readable description; files: full paths of the base experts; facts: JSON-ready description
+    of the weights (file names, Memento strength, dtype, extra LoRAs; not the offload mode, which does not
+    change results), used to recognise the same backbone when a story render is resumed.
     """
 
     backbone: Backbone
@@ -51,6 +53,7 @@ class LoadedBackbone:
     swap_blocks: int = 0
     summary: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def text_dim(self) -> int:

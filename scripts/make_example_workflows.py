@@ -67,6 +67,7 @@ WORKFLOWS: dict[str, tuple[str, str]] = {
     "memento_3_shot_story": ("Memento: 3-shot story", "memory updates between shots, KeyframeQuery"),
     "memento_reference_images": ("Memento: reference images", "MR2V: references as pinned memory"),
     "storymem_continuation": ("StoryMem continuation", "hard cut, then MI2V from the last frame"),
+    "memento_render_story": ("Memento: render a story", "a whole script in one node, resumable"),
 }
 
 GROUP_COLORS = ("#3f789e", "#a1309b", "#b58b2a", "#8a8", "#444")
@@ -490,10 +491,76 @@ def storymem_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     return a.build()
 
 
+# -- workflow 4: a whole story in one node ---------------------------------------------------------------
+
+
+def render_story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
+    story = json.loads(STORY_FILE.read_text(encoding="utf-8"))
+    a = Author(object_info)
+    m = loaders(a)
+    a.start(
+        "Render the story",
+        "Memento Render Story renders every shot of the script with memory, as the command line "
+        "(python -m memento_core.story) does, with the models loaded on the left: shot 1 from an empty "
+        "memory (or reference images, or Wan2.2 T2V: pick t2v_high / t2v_low), then per the script's cut "
+        "flags a hard cut (CFG 5.0) or a continuation from the previous shot's last frame (CFG 3.5), "
+        "KeyframeQuery selection and a memory update between shots; seed = base seed + the shot's index "
+        "in its scene.\nEverything goes to output/memento/lighthouse_keeper: shots/*.mp4, story.mp4, "
+        "memory/*.png (the frames each shot used), identity/*.png, memory_bank.safetensors and "
+        "story_log.json. If the render is interrupted, queue it again: with if_exists 'resume' it goes on "
+        "after the last finished shot and gives the same frames.",
+        GROUP_COLORS[0],
+    )
+    script = a.node(
+        "PrimitiveStringMultiline", title="Story script (JSON)", value=json.dumps(story, indent=2) + "\n"
+    )
+    render = a.node(
+        "MementoRenderStory",
+        title="Render Story",
+        backbone=m.backbone,
+        clip=m.clip,
+        vae=m.vae,
+        path="",
+        text=script,
+        output_folder="memento/lighthouse_keeper",
+        if_exists="resume",
+        width=WIDTH,
+        height=HEIGHT,
+        frames=FRAMES,
+        steps=STEPS,
+        seed=SEED,
+        shift=SHIFT,
+        boundary=BOUNDARY,
+        cfg=CFG,
+        cut_cfg=CUT_CFG,
+        solver="unipc",
+        first_shot="empty memory",
+        identity=True,
+        max_shots=0,
+        negative=NEGATIVE,
+        t2v_high="None",
+        t2v_low="None",
+    )
+    a.node(
+        "SaveVideo",
+        title="Story video",
+        video=render["story"],
+        filename_prefix="memento/lighthouse_story",
+        format="mp4",
+        codec="h264",
+    )
+    finish(
+        a, m, render["memory_bank"], "memento/lighthouse_story_memory",
+        FINISH_NOTE.format(prefix="memento/lighthouse_story_memory"),
+    )  # fmt: skip
+    return a.build()
+
+
 BUILDERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "memento_3_shot_story": story_workflow,
     "memento_reference_images": reference_workflow,
     "storymem_continuation": storymem_workflow,
+    "memento_render_story": render_story_workflow,
 }
 
 

@@ -23,11 +23,17 @@ from PIL import Image
 from tiny_comfy_models import TINY_FILES
 from workflow_api import assert_valid_ui_workflow, load_workflow, local_object_info, ui_to_api
 
+from memento_core.media import read_mp4
 from memento_core.memory import MemoryBank, load_bank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW_DIR = REPO_ROOT / "example_workflows"
-NAMES = ("memento_3_shot_story", "memento_reference_images", "storymem_continuation")
+NAMES = (
+    "memento_3_shot_story",
+    "memento_reference_images",
+    "storymem_continuation",
+    "memento_render_story",
+)
 
 W, H, FRAMES, STEPS = 64, 32, 9, 2
 
@@ -63,12 +69,13 @@ def tiny_api(api: dict[str, dict[str, Any]], tag: str, steps: int = STEPS) -> di
             inputs["clip_name"] = TINY_FILES["text_encoder"]
         elif kind == "VAELoader":
             inputs["vae_name"] = TINY_FILES["vae"]
-        elif kind == "MementoGenerateShot":
+        elif kind in ("MementoGenerateShot", "MementoRenderStory"):
             inputs |= {"width": W, "height": H, "frames": FRAMES, "steps": steps}
         elif kind == "ImageScale":
             inputs |= {"width": W, "height": H}
-        if isinstance(inputs.get("filename_prefix"), str):
-            inputs["filename_prefix"] = f"{tag}/{inputs['filename_prefix']}"
+        for key in ("filename_prefix", "output_folder"):
+            if isinstance(inputs.get(key), str):
+                inputs[key] = f"{tag}/{inputs[key]}"
     return out
 
 
@@ -175,6 +182,8 @@ def test_workflow_is_valid_and_has_the_real_settings(object_info, name: str) -> 
     api = ui_to_api(workflow, object_info)
     kinds = [v["class_type"] for v in api.values()]
     shots = [v["inputs"] for v in api.values() if v["class_type"] == "MementoGenerateShot"]
+    if name == "memento_render_story":
+        return check_render_story_workflow(workflow, api)
     assert len(shots) == (2 if name == "memento_reference_images" else 3)
     for s in shots:
         assert (s["width"], s["height"], s["frames"], s["steps"]) == (832, 480, 81, 40)
@@ -201,6 +210,28 @@ def test_workflow_is_valid_and_has_the_real_settings(object_info, name: str) -> 
     titles = [g["title"] for g in workflow["groups"]]
     assert len(notes) == len(workflow["groups"]) and all(n["widgets_values"][0] for n in notes)
     assert [t for t in titles if t.startswith("Shot ")] == [f"Shot {i + 1}" for i in range(len(shots))]
+
+
+def check_loaders(api: dict[str, Any]) -> None:
+    (bb,) = (v["inputs"] for v in api.values() if v["class_type"] == "MementoLoadBackbone")
+    assert (bb["high_noise_model"], bb["memento_high"]) == (
+        "wan2.2_i2v_high_noise_14B_fp16.safetensors",
+        "backbone_high_noise.safetensors",
+    )
+    (clip,) = (v["inputs"] for v in api.values() if v["class_type"] == "CLIPLoader")
+    assert clip["type"] == "wan"
+
+
+def check_render_story_workflow(workflow: dict[str, Any], api: dict[str, Any]) -> None:
+    check_loaders(api)
+    (render,) = (v["inputs"] for v in api.values() if v["class_type"] == "MementoRenderStory")
+    assert (render["width"], render["height"], render["frames"], render["steps"]) == (832, 480, 81, 40)
+    assert (render["cfg"], render["cut_cfg"], render["shift"], render["boundary"]) == (3.5, 5.0, 5.0, 0.9)
+    assert render["if_exists"] == "resume" and render["first_shot"] == "empty memory"
+    kinds = [v["class_type"] for v in api.values()]
+    assert kinds.count("SaveVideo") == 1 and kinds.count("MementoSaveMemoryBank") == 1
+    notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
+    assert len(notes) == len(workflow["groups"]) and all(n["widgets_values"][0] for n in notes)
 
 
 # -- running them -------------------------------------------------------------------------------------
@@ -284,3 +315,19 @@ def test_storymem_continuation_runs(comfy_host, object_info, tiny, spy) -> None:
     ids = bank.frame_ids("high")
     assert ids == bank.frame_ids("low") and len(ids) == 8
     assert ids[:3] == ["s1f0", "s1f1", "s1f2"] and ids[-1] == "s3f8"  # sink + most recent
+
+
+def test_render_story_workflow_runs(comfy_host, object_info, tiny) -> None:
+    api, result = run_example(comfy_host, object_info, "memento_render_story", "ex_render")
+    (video,) = saved_videos(comfy_host, result, api)
+    assert read_mp4(video).shape[0] == 3 * FRAMES  # the joined story
+    folder = (
+        Path(comfy_host.folder_paths.get_output_directory()) / "ex_render" / "memento" / "lighthouse_keeper"
+    )
+    log = json.loads((folder / "story_log.json").read_text())
+    assert [s["mode"] for s in log["shots"]] == ["empty", "mi2v", "cut"]  # cut flags [true, false, true]
+    assert [s["guidance"]["high"] for s in log["shots"]] == [5.0, 3.5, 5.0]
+    assert [s["seed"] for s in log["shots"]] == [42, 43, 44]
+    bank = saved_bank(result, node_id(api, "Save Memory Bank"))
+    assert (bank.current_time, bank.shots_done) == (3 * FRAMES, 3)
+    assert "story time 27, shots 3" in result.ui_text(node_id(api, "Memory Preview"))

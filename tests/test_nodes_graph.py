@@ -155,7 +155,13 @@ def story(comfy_host, tiny):
 
 @pytest.fixture(scope="module")
 def expected(comfy_host, tiny):
-    """memento_core's render_shot with the same files, CLIP and VAE (through the pack's adapters)."""
+    return render_expected(comfy_host, tiny)
+
+
+def render_expected(comfy_host, tiny):
+    """memento_core's render_shot with the same files, CLIP and VAE (through the pack's adapters):
+    shot 1 a cut from an empty memory, shots 2 and 3 continuing (mi2v), seeds 101..103, CFG 3.5
+    -> (records, banks after each shot, the adapters module)."""
     nodes = comfy_host.nodes
     adapters = comfy_host.pack_submodule("nodes.comfy_adapters")
     clip = nodes.CLIPLoader().load_clip(TINY_FILES["text_encoder"], "wan")[0]

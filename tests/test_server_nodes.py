@@ -36,6 +36,7 @@ MEMENTO_NODES = (
     "MementoKeyframeRetrieve",
     "MementoGenerateShot",
     "MementoLoadStoryScript",
+    "MementoRenderStory",
     "MementoLoadDiT",
     "MementoDiTInfo",
 )
@@ -98,6 +99,10 @@ def test_object_info_lists_every_memento_node(server: ComfyServer, comfy_host) -
     assert info["MementoKeyframeRetrieve"]["output"] == ["MEMORY_SELECTION", "MEMORY_BANK", "IMAGE"]
     assert info["MementoLoadStoryScript"]["output"] == ["STRING", "STRING", "BOOLEAN", "STRING", "INT", "INT"]
     assert info["MementoSaveMemoryBank"]["output_node"] is True
+    assert info["MementoRenderStory"]["output"] == ["VIDEO", "MEMORY_BANK", "STRING"]
+    assert info["MementoRenderStory"]["output_node"] is True
+    generate_cut = generate["cut"]
+    assert generate_cut.type == "BOOLEAN" and generate_cut.optional
     backbone = info["MementoLoadBackbone"]["input"]["required"]
     assert TINY_FILES["high"] in backbone["high_noise_model"][1]["options"]  # the server's own folders
 
