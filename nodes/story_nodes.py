@@ -49,6 +49,31 @@ def _resolve(path: str) -> str:
     return os.path.join(folder_paths.get_input_directory(), text)
 
 
+def script_inputs() -> list[io.Input]:
+    """The two ways to give a story script: a file ``path`` or the JSON ``text``."""
+    return [
+        io.String.Input(
+            "path",
+            default="",
+            tooltip="Story JSON file: absolute, or relative to ComfyUI's input folder.",
+        ),
+        io.String.Input(
+            "text", multiline=True, default="", tooltip="Or the script itself (used when not empty)."
+        ),
+    ]
+
+
+def script_fingerprint(path: str, text: str) -> Any:
+    """Changes when the script changes: the text, or the file's path and modification time."""
+    if (text or "").strip():
+        return text
+    try:
+        full = _resolve(path)
+        return (full, os.path.getmtime(full))
+    except OSError:
+        return path
+
+
 def read_story(path: str, text: str) -> Story:
     """The story from ``text`` when given, else from ``path``; readable ValueErrors."""
     with node_errors(NODE):
@@ -72,14 +97,7 @@ class MementoLoadStoryScript(io.ComfyNode):
             description="Reads a story script (JSON: story_name, reconstruct_target, scenes with "
             "video_prompts and cut) and outputs one shot's prompt, global caption and cut flag.",
             inputs=[
-                io.String.Input(
-                    "path",
-                    default="",
-                    tooltip="Story JSON file: absolute, or relative to ComfyUI's input folder.",
-                ),
-                io.String.Input(
-                    "text", multiline=True, default="", tooltip="Or the script itself (used when not empty)."
-                ),
+                *script_inputs(),
                 io.Int.Input(
                     "shot_index",
                     default=0,
@@ -101,13 +119,7 @@ class MementoLoadStoryScript(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, path: str, text: str, shot_index: int) -> Any:
         """Re-run when the script file changes."""
-        if (text or "").strip():
-            return (text, shot_index)
-        try:
-            full = _resolve(path)
-            return (full, os.path.getmtime(full), shot_index)
-        except OSError:
-            return (path, shot_index)
+        return (script_fingerprint(path, text), shot_index)
 
     @classmethod
     def execute(cls, path: str, text: str, shot_index: int) -> io.NodeOutput:
@@ -253,14 +265,7 @@ class MementoRenderStory(io.ComfyNode):
                 MementoBackboneSocket.Input("backbone"),
                 io.Clip.Input("clip", tooltip="The umT5 'wan' text encoder (Load CLIP, type wan)."),
                 io.Vae.Input("vae", tooltip="Wan 2.1 VAE."),
-                io.String.Input(
-                    "path",
-                    default="",
-                    tooltip="Story JSON file: absolute, or relative to ComfyUI's input folder.",
-                ),
-                io.String.Input(
-                    "text", multiline=True, default="", tooltip="Or the script itself (used when not empty)."
-                ),
+                *script_inputs(),
                 io.String.Input(
                     "output_folder",
                     default="memento/story",
@@ -327,13 +332,7 @@ class MementoRenderStory(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, path: str = "", text: str = "", **_: Any) -> Any:
         """Re-run when the script file changes (other inputs are part of ComfyUI's cache key)."""
-        if (text or "").strip():
-            return text
-        try:
-            full = _resolve(path)
-            return (full, os.path.getmtime(full))
-        except OSError:
-            return path
+        return script_fingerprint(path, text)
 
     @classmethod
     def execute(
