@@ -5,7 +5,8 @@ Shot order and rules follow Memento's reference pipeline (``pipeline_learnable_a
 - shot 1 of the story: plain Wan2.2-T2V (shift 12, boundary 0.875, CFG 3.5; ``first_shot="t2v"``), or
   memory-to-video from an empty memory (``"empty"``) or from reference images (``"references"``, MR2V);
 - later shots: memory-to-video with KeyframeQuery selection; ``cut: true`` is a hard cut with CFG 5.0
-  (3.5 + 1.5), ``cut: false`` continues from the previous shot's last frame (MI2V) with CFG 3.5;
+  (3.5 + 1.5), ``cut: false`` continues from the previous shot's last frame (MI2V) with CFG 3.5, or with
+  ``continuation="mm2v"`` from its last 5 frames (MM2V; CFG 5.0, as the reference's ``--mm2v`` alone);
 - seed of a shot: ``seed + index_in_scene``; the identity slot reads the script's ``reconstruct_target``;
 - after each shot its 8 evenly spaced frames join the memory bank (SPEC 4.6).
 
@@ -63,6 +64,7 @@ __all__ = [
 
 STATE_VERSION = 1
 FIRST_SHOT_MODES = ("t2v", "empty", "references")
+CONTINUATIONS = ("mi2v", "mm2v")
 
 
 class RunnerError(MementoError):
@@ -95,6 +97,7 @@ class RunSettings:
     t2v_boundary: float = 0.875
     solver: str = "unipc"
     first_shot: str = "t2v"
+    continuation: str = "mi2v"
     references: tuple[str, ...] = ()
     identity: bool = True
     max_shots: int | None = None
@@ -111,6 +114,8 @@ class RunSettings:
             raise RunnerError(f"steps: must be >= 1, got {self.steps}")
         if self.first_shot not in FIRST_SHOT_MODES:
             raise RunnerError(f"first_shot: expected one of {FIRST_SHOT_MODES}, got {self.first_shot!r}")
+        if self.continuation not in CONTINUATIONS:
+            raise RunnerError(f"continuation: expected one of {CONTINUATIONS}, got {self.continuation!r}")
         if self.first_shot == "references" and not self.references:
             raise RunnerError("first_shot 'references' needs at least one reference image (--reference FILE)")
         for path in self.references:
@@ -302,7 +307,7 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 def _shot_plan(shot: StoryShot, settings: RunSettings, has_t2v: bool) -> str:
     if shot.number == 0:
         return settings.first_shot if settings.first_shot != "t2v" or has_t2v else "empty"
-    return "cut" if shot.cut else "mi2v"
+    return "cut" if shot.cut else settings.continuation
 
 
 def render_story(
@@ -410,7 +415,8 @@ def _render_one(
     progress: Progress,
 ) -> tuple[dict[str, Any], MemoryBank, Tensor]:
     seed = settings.seed + shot.index_in_scene
-    # T2V and continuing shots use the base CFG; every memory shot that starts afresh (a cut) gets 5.0.
+    # T2V and MI2V shots use the base CFG; every other memory shot gets 5.0 (the reference adds 1.5
+    # whenever no first frame is given: cuts, and MM2V shots under its --mm2v flag).
     guidance = settings.guidance if mode in ("t2v", "mi2v") else settings.cut_guidance
     t2v = mode == "t2v"
     shot_settings = ShotSettings(
@@ -457,7 +463,7 @@ def _render_one(
             width=settings.width,
             height=settings.height,
             frames=settings.frames,
-            mode="mi2v" if mode == "mi2v" else "cut",
+            mode=mode if mode in CONTINUATIONS else "cut",
             reconstruct=story.reconstruct_target if settings.identity else None,
             negative=settings.negative,
             settings=shot_settings,
@@ -562,6 +568,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="base seed; a shot uses seed + its index in the scene")
     p.add_argument("--first-shot", choices=FIRST_SHOT_MODES, default="t2v")
     p.add_argument("--reference", action="append", default=[], help="reference image (MR2V), repeatable")
+    p.add_argument(
+        "--continue",
+        dest="continuation",
+        choices=CONTINUATIONS,
+        default="mi2v",
+        help="how 'cut: false' shots continue: from the last frame (mi2v) or the last 5 frames (mm2v)",
+    )
     p.add_argument("--no-identity", action="store_true", help="no identity (subject reconstruction) slot")
     p.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -589,6 +602,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
             solver=args.solver,
             first_shot="references" if args.reference and args.first_shot == "t2v" else args.first_shot,
             references=tuple(args.reference),
+            continuation=args.continuation,
             identity=not args.no_identity,
             max_shots=args.shots,
         )

@@ -13,7 +13,8 @@ Memento Generate Shot: positive / negative come as CONDITIONING from CLIP Text E
 the identity slot's texts (the reconstruct caption, and "" for its unconditional pass, SPEC 4.4) are
 encoded with the CLIP input. The memory frames' latents are used as stored (never decoded). Mode:
 "mi2v" (continue from a frame) when ``first_frame`` is connected (its LAST image is used, so the
-previous shot's whole decoded video can be wired in) and ``cut`` is false, else "cut" (M2V). ``cut``
+previous shot's whole decoded video can be wired in) and ``cut`` is false, else "cut" (M2V); with
+``continue_with`` "last 5 frames (MM2V)" its last 5 images are the motion frames ("mm2v"). ``cut``
 takes Load Story Script's cut flag, so one graph follows the script; on a cut, ``cut_cfg_boost`` is
 added to both CFGs (Memento's runner: 3.5 + 1.5 = 5.0 on a hard cut). Output LATENT: the target latents
 in ComfyUI's raw convention (like KSampler; connect VAE Decode), and the identity slot decoded (a
@@ -32,6 +33,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..memento_core.conditioning import MOTION_FRAMES
 from ..memento_core.keyframe_query import split_global_caption
 from ..memento_core.m2v import ShotRequest, generate_shot, select_memory, uses_identity
 from ..memento_core.memory import SCHEMES
@@ -52,6 +54,10 @@ from .types import (
 )
 
 CATEGORY = "Memento"
+
+MI2V_CHOICE = "last frame (MI2V)"
+#: Generate Shot's continue_with widget -> memento_core shot mode.
+CONTINUE_WITH: dict[str, str] = {MI2V_CHOICE: "mi2v", "last 5 frames (MM2V)": "mm2v"}
 
 
 def _check_text_width(t: torch.Tensor, expected: int, name: str, node: str) -> None:
@@ -200,6 +206,14 @@ class MementoGenerateShot(io.ComfyNode):
                     tooltip="Added to cfg_high and cfg_low on a hard cut (no first frame used). Memento's "
                     "story runner uses 1.5 (CFG 3.5 -> 5.0 after a cut).",
                 ),
+                io.Combo.Input(
+                    "continue_with",
+                    options=list(CONTINUE_WITH),
+                    default=MI2V_CHOICE,
+                    optional=True,
+                    tooltip="How first_frame continues the previous shot: its last image (MI2V) or its "
+                    "last 5 images as motion frames (StoryMem's MM2V).",
+                ),
                 io.Image.Input(
                     "first_frame",
                     optional=True,
@@ -236,6 +250,7 @@ class MementoGenerateShot(io.ComfyNode):
         solver: str,
         cut: bool = False,
         cut_cfg_boost: float = 0.0,
+        continue_with: str = MI2V_CHOICE,
         first_frame: torch.Tensor | None = None,
     ) -> io.NodeOutput:
         """Validate, build the texts, sample with progress and interruption; nothing is mutated."""
@@ -253,6 +268,12 @@ class MementoGenerateShot(io.ComfyNode):
         adapter = ComfyVideoVAE(vae, node)
         if not cut_cfg_boost >= 0.0:
             raise ValueError(f"{node}: 'cut_cfg_boost' must be 0 or more, got {cut_cfg_boost}.")
+        if continue_with not in CONTINUE_WITH:
+            raise ValueError(
+                f"{node}: continue_with '{continue_with}' is not one of {', '.join(CONTINUE_WITH)}."
+            )
+        continue_mode = CONTINUE_WITH[continue_with]
+        need = 1 if continue_mode == "mi2v" else MOTION_FRAMES
         continuation = None
         if first_frame is not None and not cut:
             if (
@@ -266,7 +287,12 @@ class MementoGenerateShot(io.ComfyNode):
                     f"{node}: 'first_frame' is {first_frame.shape[2]}x{first_frame.shape[1]} but the shot is "
                     f"{width}x{height}; resize the frame or change width/height."
                 )
-            continuation = (first_frame[-1:].detach().float().cpu() * 2 - 1).permute(3, 0, 1, 2)
+            if first_frame.shape[0] < need:
+                raise ValueError(
+                    f"{node}: MM2V continues from the last {need} frames, but 'first_frame' has "
+                    f"{first_frame.shape[0]}; connect the previous shot's decoded video."
+                )
+            continuation = (first_frame[-need:].detach().float().cpu() * 2 - 1).permute(3, 0, 1, 2)
         caption = (reconstruct or "").strip() or None
         boost = float(cut_cfg_boost) if continuation is None else 0.0
         request = ShotRequest(
@@ -274,7 +300,7 @@ class MementoGenerateShot(io.ComfyNode):
             width=width,
             height=height,
             frames=frames,
-            mode="mi2v" if continuation is not None else "cut",
+            mode=continue_mode if continuation is not None else "cut",
             reconstruct=caption,
             scheme=position_scheme,
             settings=ShotSettings(

@@ -30,7 +30,14 @@ from ..memento_core.fp8 import is_fp8, quantize_fp8
 from ..memento_core.loading import load_dit
 from ..memento_core.m2v import WAN_NEGATIVE_PROMPT
 from ..memento_core.memory import load_bank
-from ..memento_core.runner import ModelSet, Progress, RunFolderError, RunSettings, render_story
+from ..memento_core.runner import (
+    CONTINUATIONS,
+    ModelSet,
+    Progress,
+    RunFolderError,
+    RunSettings,
+    render_story,
+)
 from ..memento_core.sampling import SOLVERS, StepInfo
 from ..memento_core.story import Story, StoryShot, load_story, parse_story
 from .backbone_nodes import compute_device, experts_on_device, require_backbone
@@ -316,6 +323,14 @@ class MementoRenderStory(io.ComfyNode):
                     "max_shots", default=0, min=0, max=9999, tooltip="Render only the first N (0: all)."
                 ),
                 io.String.Input("negative", multiline=True, default=WAN_NEGATIVE_PROMPT),
+                io.Combo.Input(
+                    "continuation",
+                    options=list(CONTINUATIONS),
+                    default="mi2v",
+                    optional=True,
+                    tooltip="How 'cut: false' shots continue: from the last frame (mi2v, CFG cfg) or the "
+                    "last 5 frames (mm2v, CFG cut_cfg, as Memento's --mm2v).",
+                ),
                 io.Combo.Input("t2v_high", options=t2v_files, default=T2V_NONE, optional=True),
                 io.Combo.Input("t2v_low", options=t2v_files, default=T2V_NONE, optional=True),
                 io.Image.Input(
@@ -358,6 +373,7 @@ class MementoRenderStory(io.ComfyNode):
         identity: bool,
         max_shots: int,
         negative: str,
+        continuation: str = "mi2v",
         t2v_high: str = T2V_NONE,
         t2v_low: str = T2V_NONE,
         reference_images: torch.Tensor | None = None,
@@ -403,6 +419,7 @@ class MementoRenderStory(io.ComfyNode):
             cut_guidance=float(cut_cfg),
             solver=solver,
             first_shot=mode,
+            continuation=continuation,
             references=references,
             identity=bool(identity),
             max_shots=int(max_shots) or None,

@@ -146,6 +146,16 @@ def test_reference_shot_renders_and_size_errors(comfy_host, tiny):
     assert "frames must be of the form 4n+1" in failed(comfy_host, graph)
     graph["gen"]["inputs"] |= {"frames": 9, "width": 72}
     assert "width and height must be positive multiples of 16, got 72x32" in failed(comfy_host, graph)
+    graph["gen"]["inputs"] |= {
+        "width": W,
+        "first_frame": ["frame", 0],
+        "continue_with": "last 5 frames (MM2V)",
+    }
+    graph["frame"] = {
+        "class_type": "EmptyImage",
+        "inputs": {"width": W, "height": H, "batch_size": 1, "color": 0},
+    }
+    assert "MM2V continues from the last 5 frames, but 'first_frame' has 1" in failed(comfy_host, graph)
 
 
 def test_reference_images_need_a_vae(comfy_host, tiny):

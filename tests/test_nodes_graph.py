@@ -206,6 +206,34 @@ def test_three_shot_graph_equals_render_shot(comfy_host, story, expected):
     assert final.current_time == 3 * FRAMES and final.shots_done == 3
 
 
+def test_mm2v_continuation_equals_render_shot(comfy_host, tiny, expected):
+    """Shot 2 with continue_with "last 5 frames (MM2V)": the last 5 decoded frames of shot 1 are the
+    motion frames; equal to render_shot in mode mm2v from shot 1's bank and video."""
+    records, banks, adapters = expected
+    graph = story_graph("mm2v", 2)
+    graph["s2_gen"]["inputs"]["continue_with"] = "last 5 frames (MM2V)"
+    result = comfy_host.run(graph)
+    nodes = comfy_host.nodes
+    clip = nodes.CLIPLoader().load_clip(TINY_FILES["text_encoder"], "wan")[0]
+    vae = adapters.ComfyVideoVAE(nodes.VAELoader().load_vae(TINY_FILES["vae"])[0])
+    experts = [load_memento_expert(tiny[k], tiny[f"memento_{k}"]) for k in ("high", "low")]
+    backbone = Backbone(experts[0][0], experts[1][0], experts[0][1], experts[1][1])
+    request = ShotRequest(
+        prompt=PROMPTS[1], width=W, height=H, frames=FRAMES, mode="mm2v", reconstruct=RECONSTRUCT,
+        negative=NEGATIVE, settings=ShotSettings(steps=STEPS, seed=102),
+    )  # fmt: skip
+    record, _ = render_shot(
+        backbone, banks[0], request, vae, adapters.ComfyTextEncoder(clip), previous_video=records[0].video
+    )
+    got = saved_latent(comfy_host, result, "s2_lat")
+    want = adapters.raw_latent(record.latent)
+    err = float((got - want).abs().max() / want.abs().max())
+    print(f"mm2v shot: max rel diff graph vs render_shot {err:.2e}")
+    assert err <= 1e-5
+    mi2v = adapters.raw_latent(records[1].latent)
+    assert float((got - mi2v).abs().max() / mi2v.abs().max()) > 1e-3  # not the MI2V shot
+
+
 def test_memory_selection_and_eviction(comfy_host, story, expected):
     result, _ = story
     records, _, _ = expected

@@ -206,11 +206,18 @@ def test_bad_inputs_are_named(comfy_host, tiny):
 
 def test_t2v_first_shot_and_reference_images(comfy_host, tiny):
     t2v = render_graph(
-        "rs/t2v", first_shot="t2v", t2v_high=TINY_FILES["t2v"], t2v_low=TINY_FILES["t2v"], max_shots=2
+        "rs/t2v",
+        first_shot="t2v",
+        continuation="mm2v",
+        cut_cfg=5.0,
+        t2v_high=TINY_FILES["t2v"],
+        t2v_low=TINY_FILES["t2v"],
+        max_shots=2,
     )
     comfy_host.run(t2v)
     log = json.loads((output_dir(comfy_host) / "rs" / "t2v" / "story_log.json").read_text())
-    assert [s["mode"] for s in log["shots"]] == ["t2v", "mi2v"]
+    assert [s["mode"] for s in log["shots"]] == ["t2v", "mm2v"]  # continuation mm2v for cut: false
+    assert log["shots"][1]["guidance"]["high"] == 5.0  # cut_cfg, as the reference's --mm2v
     assert log["shots"][0]["shift"] == 12.0 and log["shots"][0]["boundary"] == 0.875
 
     refs = render_graph("rs/refs", first_shot="reference images", max_shots=1)

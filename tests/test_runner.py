@@ -95,6 +95,33 @@ def test_shots_equal_direct_calls_of_the_shot_functions(full_run):
         video = record.video
 
 
+def test_mm2v_continuation_uses_the_last_five_frames(full_run, tmp_path):
+    """continuation="mm2v": the cut: false shot continues from the previous shot's last 5 frames (mode
+    mm2v) at CFG 5.0 (the reference's --mm2v alone adds 1.5); shot 1 is unchanged."""
+    story, full, _ = full_run
+    settings = replace(SETTINGS, continuation="mm2v", max_shots=2)
+    log = render_story(story, tiny_models(), settings, tmp_path, progress=Progress(2, enabled=False))
+    assert [s["mode"] for s in log["shots"]] == ["t2v", "mm2v"]
+    assert log["shots"][1]["guidance"] == {"high": 5.0, "low": 5.0}
+    assert torch.equal(latents(tmp_path, "01_01"), latents(full, "01_01"))
+    models = tiny_models()
+    vae = models.vae
+    video = vae.decode(latents(full, "01_01"))
+    bank = remember_shot(MemoryBank.empty("memento"), vae, video, story.shots[0].prompt, 1)
+    request = ShotRequest(
+        prompt=story.shots[1].prompt, width=64, height=32, frames=17, mode="mm2v",
+        reconstruct=story.reconstruct_target,
+        settings=ShotSettings(steps=4, guidance_high=5.0, guidance_low=5.0, seed=8),
+    )  # fmt: skip
+    record, _ = render_shot(
+        models.backbone(), bank, request, vae, models.text_encoder, previous_video=video, shot_index=2
+    )
+    assert torch.equal(record.latent, latents(tmp_path, "01_02"))
+    assert not torch.equal(record.latent, latents(full, "01_02"))  # MI2V gives another shot
+    with pytest.raises(RunnerError, match="continuation: expected one of"):
+        render_story(story, tiny_models(), replace(SETTINGS, continuation="motion"), tmp_path / "x")
+
+
 class _StopAt(Progress):
     """Raises KeyboardInterrupt (what Ctrl-C does) at a given step of a given shot."""
 
