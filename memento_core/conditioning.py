@@ -32,6 +32,7 @@ __all__ = [
     "ShotMode",
     "build_shot",
     "condition_clip",
+    "continuation_frames",
     "identity_image",
     "latent_frames",
     "target_mask",
@@ -49,6 +50,13 @@ def latent_frames(pixel_frames: int) -> int:
     if pixel_frames < 1 or (pixel_frames - 1) % 4:
         raise ShapeError(f"frames: expected a count of the form 4n+1 (e.g. 81), got {pixel_frames}")
     return 1 + (pixel_frames - 1) // 4
+
+
+def continuation_frames(mode: ShotMode) -> int:
+    """Pixel frames a continuing shot takes from the previous one: 1 (mi2v) or 5 (mm2v); 0 for a cut."""
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    return {"cut": 0, "mi2v": 1, "mm2v": MOTION_FRAMES}[mode]
 
 
 def target_mask(n_target: int, mode: ShotMode) -> Tensor:
@@ -71,7 +79,7 @@ def condition_clip(mode: ShotMode, frames: Tensor | None, n_frames: int, height:
     clip = torch.zeros(3, n_frames, height, width)
     if mode == "cut":
         return clip
-    need = 1 if mode == "mi2v" else MOTION_FRAMES
+    need = continuation_frames(mode)
     if frames is None or frames.ndim != 4 or frames.shape[0] != 3 or frames.shape[1] != need:
         got = None if frames is None else list(frames.shape)
         raise ShapeError(f"{mode}: expected {need} frame(s) [3, {need}, {height}, {width}], got {got}")

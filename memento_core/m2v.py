@@ -24,10 +24,10 @@ from torch import Tensor
 
 from .adapters import TextEncoder, VideoVAE
 from .conditioning import (
-    MOTION_FRAMES,
     ShotMode,
     build_shot,
     condition_clip,
+    continuation_frames,
     identity_image,
     latent_frames,
 )
@@ -143,8 +143,7 @@ def _continuation(req: ShotRequest, previous: Tensor | None) -> Tensor | None:
         return None
     if previous is None:
         raise ShapeError(f"mode {req.mode!r} continues the previous shot, but no previous shot was given")
-    need = 1 if req.mode == "mi2v" else MOTION_FRAMES
-    return previous[:, -need:]
+    return previous[:, -continuation_frames(req.mode) :]
 
 
 def uses_identity(request: ShotRequest) -> bool:

@@ -40,7 +40,6 @@ from .adapters import LATENT_CHANNELS
 from .errors import MementoError, ShapeError
 from .expert import load_memento_expert
 from .fp8 import quantize_fp8
-from .loading import load_dit
 from .m2v import Backbone
 
 __all__ = [
@@ -226,7 +225,7 @@ class UMT5TextEncoder:
 
 def real_models(config: ModelConfig) -> Any:
     """A :class:`memento_core.runner.ModelSet` over the configured weights (experts load on first use)."""
-    from .runner import ModelSet
+    from .runner import ModelSet, load_t2v_experts
 
     dtype = DTYPES[config.dtype]
     device = config.device
@@ -250,11 +249,7 @@ def real_models(config: ModelConfig) -> Any:
         return Backbone(high, low, kfq_high, kfq_low)
 
     def t2v() -> tuple[Any, Any]:
-        experts = (
-            load_dit(config.t2v_high, dtype=dtype, device=load_to, expect="t2v"),
-            load_dit(config.t2v_low, dtype=dtype, device=load_to, expect="t2v"),
-        )
-        return tuple(quantize_fp8(e) for e in experts) if config.dtype == "fp8" else experts
+        return load_t2v_experts(config.t2v_high, config.t2v_low, dtype, load_to, fp8=config.dtype == "fp8")
 
     return ModelSet(
         kind="real",

@@ -41,7 +41,9 @@ from .adapters import TextEncoder, TinyTextEncoder, TinyVAE, VideoVAE
 from .conditioning import MOTION_FRAMES, latent_frames
 from .dit import WanDiT
 from .errors import MementoError, ShapeError
+from .fp8 import quantize_fp8
 from .keyframe_query import KeyframeQuery
+from .loading import load_dit
 from .m2v import WAN_NEGATIVE_PROMPT, Backbone, ShotRequest, remember_shot, render_shot
 from .media import FPS, join_mp4, write_mp4
 from .memory import MemoryBank, load_bank, save_bank
@@ -58,6 +60,7 @@ __all__ = [
     "RunSettings",
     "RunnerError",
     "cli",
+    "load_t2v_experts",
     "render_story",
     "tiny_models",
 ]
@@ -161,6 +164,17 @@ def _tiny_kfq(seed: int) -> KeyframeQuery:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return KeyframeQuery(dim=256, num_heads=2).eval().requires_grad_(False)
+
+
+def load_t2v_experts(
+    high: Any, low: Any, dtype: torch.dtype, device: str | torch.device = "cpu", fp8: bool = False
+) -> tuple[WanDiT, WanDiT]:
+    """The two Wan2.2 T2V experts for shot 1 (anything ``load_dit`` takes; refused unless T2V), with
+    their block weights stored in fp8 (``memento_core.fp8``) when ``fp8``."""
+    experts = [load_dit(path, dtype=dtype, device=device, expect="t2v") for path in (high, low)]
+    if fp8:
+        experts = [quantize_fp8(expert) for expert in experts]
+    return experts[0], experts[1]
 
 
 def tiny_models(seed: int = 0) -> ModelSet:

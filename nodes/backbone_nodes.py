@@ -81,8 +81,9 @@ def memento_file_options() -> list[str]:
     return names
 
 
-def _find(folders: tuple[str, ...], name: str, what: str, widget: str) -> str:
-    """Full path of ``name`` in the first of ``folders`` holding it, or a readable ValueError."""
+def find_model_file(folders: tuple[str, ...], name: str, what: str, widget: str, node: str = NODE) -> str:
+    """Full path of ``name`` in the first of ``folders`` holding it, or a readable ValueError naming
+    ``node`` and its ``widget``."""
     for folder in folders:
         if folder in folder_paths.folder_names_and_paths:
             path = folder_paths.get_full_path(folder, name)
@@ -95,7 +96,7 @@ def _find(folders: tuple[str, ...], name: str, what: str, widget: str) -> str:
         for p in folder_paths.get_folder_paths(f)
     )
     raise ValueError(
-        f"{NODE}: the {what} file '{name}' ({widget}) was not found in {where or '(no folders)'}. Put the "
+        f"{node}: the {what} file '{name}' ({widget}) was not found in {where or '(no folders)'}. Put the "
         ".safetensors file there, refresh ComfyUI (press R) and pick it in the list."
     )
 
@@ -240,7 +241,7 @@ class MementoLoadBackbone(io.ComfyNode):
             target = loras.get(f"expert_{n}", "both")
             if target not in LORA_EXPERTS:
                 raise ValueError(f"{NODE}: expert_{n} '{target}' is not one of {', '.join(LORA_EXPERTS)}.")
-            path = _find(("loras",), str(name), "LoRA", f"lora_{n}")
+            path = find_model_file(("loras",), str(name), "LoRA", f"lora_{n}")
             for pool in ("high", "low"):
                 if target in ("both", pool):
                     extras[pool].append((path, strength))
@@ -248,17 +249,23 @@ class MementoLoadBackbone(io.ComfyNode):
 
         files = {
             "high": (
-                _find(("diffusion_models",), high_noise_model, "model", "high_noise_model"),
+                find_model_file(("diffusion_models",), high_noise_model, "model", "high_noise_model"),
                 high_noise_model,
             ),
             "low": (
-                _find(("diffusion_models",), low_noise_model, "model", "low_noise_model"),
+                find_model_file(("diffusion_models",), low_noise_model, "model", "low_noise_model"),
                 low_noise_model,
             ),
         }
         memento = {
-            "high": (_find((MEMENTO_FOLDER, "loras"), memento_high, "Memento", "memento_high"), memento_high),
-            "low": (_find((MEMENTO_FOLDER, "loras"), memento_low, "Memento", "memento_low"), memento_low),
+            "high": (
+                find_model_file((MEMENTO_FOLDER, "loras"), memento_high, "Memento", "memento_high"),
+                memento_high,
+            ),
+            "low": (
+                find_model_file((MEMENTO_FOLDER, "loras"), memento_low, "Memento", "memento_low"),
+                memento_low,
+            ),
         }
         experts: dict[str, MementoExpert] = {}
         for pool in ("high", "low"):

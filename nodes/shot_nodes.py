@@ -33,7 +33,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..memento_core.conditioning import MOTION_FRAMES
+from ..memento_core.conditioning import continuation_frames
 from ..memento_core.keyframe_query import split_global_caption
 from ..memento_core.m2v import ShotRequest, generate_shot, select_memory, uses_identity
 from ..memento_core.memory import SCHEMES
@@ -60,7 +60,7 @@ MI2V_CHOICE = "last frame (MI2V)"
 CONTINUE_WITH: dict[str, str] = {MI2V_CHOICE: "mi2v", "last 5 frames (MM2V)": "mm2v"}
 
 
-def _check_text_width(t: torch.Tensor, expected: int, name: str, node: str) -> None:
+def check_text_width(t: torch.Tensor, expected: int, name: str, node: str) -> None:
     if t.shape[-1] != expected:
         raise ValueError(
             f"{node}: the '{name}' text encoding is {t.shape[-1]} wide but the backbone expects {expected} "
@@ -128,7 +128,7 @@ class MementoKeyframeRetrieve(io.ComfyNode):
         if len(bank.pool("high")) or len(bank.pool("low")):
             text = ComfyTextEncoder(clip, node)
             prompt_t5, global_t5 = text.encode(prompt), text.encode(glob)
-            _check_text_width(prompt_t5, loaded.text_dim, "prompt", node)
+            check_text_width(prompt_t5, loaded.text_dim, "prompt", node)
             with node_errors(node), experts_on_device(loaded) as ensure:
                 selected, selection = select_memory(
                     loaded.backbone, bank, prompt_t5, global_t5, before_pool=ensure
@@ -273,7 +273,7 @@ class MementoGenerateShot(io.ComfyNode):
                 f"{node}: continue_with '{continue_with}' is not one of {', '.join(CONTINUE_WITH)}."
             )
         continue_mode = CONTINUE_WITH[continue_with]
-        need = 1 if continue_mode == "mi2v" else MOTION_FRAMES
+        need = continuation_frames(continue_mode)
         continuation = None
         if first_frame is not None and not cut:
             if (
@@ -317,8 +317,8 @@ class MementoGenerateShot(io.ComfyNode):
         )
         pos = conditioning_tensor(positive, "positive", node)
         neg = conditioning_tensor(negative, "negative", node)
-        _check_text_width(pos, loaded.text_dim, "positive", node)
-        _check_text_width(neg, loaded.text_dim, "negative", node)
+        check_text_width(pos, loaded.text_dim, "positive", node)
+        check_text_width(neg, loaded.text_dim, "negative", node)
         identity_t5 = identity_neg = None
         if uses_identity(request):
             text = ComfyTextEncoder(clip, node)

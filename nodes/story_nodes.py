@@ -26,8 +26,7 @@ from PIL import Image
 
 from ..memento_core.dit import WanDiT
 from ..memento_core.errors import MementoError
-from ..memento_core.fp8 import is_fp8, quantize_fp8
-from ..memento_core.loading import load_dit
+from ..memento_core.fp8 import is_fp8
 from ..memento_core.m2v import WAN_NEGATIVE_PROMPT
 from ..memento_core.memory import load_bank
 from ..memento_core.runner import (
@@ -36,13 +35,15 @@ from ..memento_core.runner import (
     Progress,
     RunFolderError,
     RunSettings,
+    load_t2v_experts,
     render_story,
 )
 from ..memento_core.sampling import SOLVERS, StepInfo
 from ..memento_core.story import Story, StoryShot, load_story, parse_story
-from .backbone_nodes import compute_device, experts_on_device, require_backbone
+from .backbone_nodes import compute_device, experts_on_device, find_model_file, require_backbone
 from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE
 from .errors import node_errors
+from .shot_nodes import check_text_width
 from .types import LoadedBackbone, MementoBackboneSocket, MemoryBankSocket
 
 CATEGORY = "Memento"
@@ -228,14 +229,10 @@ def _t2v_loader(loaded: LoadedBackbone, high: str, low: str) -> Callable[[], tup
         return None
     if T2V_NONE in (high, low):
         raise ValueError(f"{RENDER_NODE}: pick both t2v_high and t2v_low, or neither.")
-    paths = []
-    for name, widget in ((high, "t2v_high"), (low, "t2v_low")):
-        path = folder_paths.get_full_path("diffusion_models", name)
-        if path is None or not os.path.isfile(path):
-            raise ValueError(
-                f"{RENDER_NODE}: the T2V file '{name}' ({widget}) was not found in models/diffusion_models."
-            )
-        paths.append(path)
+    paths = [
+        find_model_file(("diffusion_models",), name, "T2V", widget, RENDER_NODE)
+        for name, widget in ((high, "t2v_high"), (low, "t2v_low"))
+    ]
     dit = loaded.backbone.high
     fp8 = is_fp8(dit)
     dtype = torch.bfloat16 if fp8 else dit.weight_dtype
@@ -244,11 +241,7 @@ def _t2v_loader(loaded: LoadedBackbone, high: str, low: str) -> Callable[[], tup
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
         with node_errors(RENDER_NODE):
-            experts = [load_dit(p, dtype=dtype, device="cpu", expect="t2v") for p in paths]
-        if fp8:
-            for expert in experts:
-                quantize_fp8(expert)
-        return experts[0], experts[1]
+            return load_t2v_experts(paths[0], paths[1], dtype, "cpu", fp8=fp8)
 
     return load
 
@@ -401,12 +394,7 @@ class MementoRenderStory(io.ComfyNode):
                 raise ValueError(f"{node}: first_shot 'reference images' needs the 'reference_images' input.")
             references = _write_references(reference_images, out / "references")
         text_encoder = ComfyTextEncoder(clip, node)
-        width_t5 = text_encoder.encode("").shape[-1]
-        if width_t5 != loaded.text_dim:
-            raise ValueError(
-                f"{node}: the text encoder gives {width_t5}-wide encodings but the backbone expects "
-                f"{loaded.text_dim} (umT5-XXL). Load the text encoder with Load CLIP, type 'wan'."
-            )
+        check_text_width(text_encoder.encode(""), loaded.text_dim, "clip", node)
         settings = RunSettings(
             width=int(width),
             height=int(height),

@@ -7,25 +7,13 @@ import json
 
 import pytest
 import torch
-from tiny_comfy_models import TINY_FILES
+from tiny_comfy_models import TINY_FILES, backbone_inputs, loader_nodes
 
 W, H = 64, 32
 
 
 def backbone(**over) -> dict:
-    inputs = {
-        "high_noise_model": TINY_FILES["high"],
-        "low_noise_model": TINY_FILES["low"],
-        "memento_high": TINY_FILES["memento_high"],
-        "memento_low": TINY_FILES["memento_low"],
-        "weight_dtype": "fp32",
-        "memento_strength": 1.0,
-        "offload": "none",
-        "swap_blocks": 0,
-    }
-    for n in (1, 2, 3):
-        inputs |= {f"lora_{n}": "None", f"strength_{n}": 1.0, f"expert_{n}": "both"}
-    return {"class_type": "MementoLoadBackbone", "inputs": inputs | over}
+    return {"class_type": "MementoLoadBackbone", "inputs": backbone_inputs(**over)}
 
 
 def failed(host, graph: dict) -> str:
@@ -86,11 +74,7 @@ def shot_graph(bank_node: dict, **gen) -> dict:
         "solver": "euler",
     } | gen
     return {
-        "clip": {
-            "class_type": "CLIPLoader",
-            "inputs": {"clip_name": TINY_FILES["text_encoder"], "type": "wan"},
-        },
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
+        **loader_nodes(),
         "bb": backbone(),
         "bank": bank_node,
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": "a cat on a mat"}},

@@ -11,12 +11,14 @@ offload gives the same latent, and nodes never modify their inputs.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_comfy_models import TINY_FILES
+from tiny_comfy_models import TINY_FILES, backbone_inputs, loader_nodes
 
 from memento_core.expert import load_memento_expert
 from memento_core.m2v import Backbone, ShotRequest, render_shot
@@ -32,22 +34,6 @@ PROMPTS = [
 ]
 NEGATIVE = "blurry, static, low quality"
 RECONSTRUCT = "[Person A] a red-haired sailor in a blue coat"
-
-
-def backbone_inputs(offload: str = "none", swap_blocks: int = 0, **over) -> dict:
-    inputs = {
-        "high_noise_model": TINY_FILES["high"],
-        "low_noise_model": TINY_FILES["low"],
-        "memento_high": TINY_FILES["memento_high"],
-        "memento_low": TINY_FILES["memento_low"],
-        "weight_dtype": "fp32",
-        "memento_strength": 1.0,
-        "offload": offload,
-        "swap_blocks": swap_blocks,
-    }
-    for n in (1, 2, 3):
-        inputs |= {f"lora_{n}": "None", f"strength_{n}": 1.0, f"expert_{n}": "both"}
-    return inputs | over
 
 
 def generate_inputs(i: int, **over) -> dict:
@@ -76,11 +62,7 @@ def generate_inputs(i: int, **over) -> dict:
 def story_graph(tag: str, shots: int, offload: str = "none", swap_blocks: int = 0, bank: list | None = None):
     """API-format prompt: loaders, then per shot Retrieve -> Generate -> Decode -> Update (+ saves)."""
     g: dict[str, dict] = {
-        "clip": {
-            "class_type": "CLIPLoader",
-            "inputs": {"clip_name": TINY_FILES["text_encoder"], "type": "wan"},
-        },
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
+        **loader_nodes(),
         "bb": {"class_type": "MementoLoadBackbone", "inputs": backbone_inputs(offload, swap_blocks)},
         "bank0": {"class_type": "MementoMemoryBank", "inputs": {"policy": "memento", "capacity": 8}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": NEGATIVE}},
@@ -158,35 +140,55 @@ def expected(comfy_host, tiny):
     return render_expected(comfy_host, tiny)
 
 
-def render_expected(comfy_host, tiny):
-    """memento_core's render_shot with the same files, CLIP and VAE (through the pack's adapters):
-    shot 1 a cut from an empty memory, shots 2 and 3 continuing (mi2v), seeds 101..103, CFG 3.5
-    -> (records, banks after each shot, the adapters module)."""
+@dataclass(frozen=True)
+class DirectModels:
+    """The tiny files loaded without the pack's nodes: CLIP and VAE through ComfyUI's loaders and the
+    pack's adapters, the backbone through memento_core."""
+
+    adapters: Any
+    text: Any
+    vae: Any
+    backbone: Backbone
+
+
+def direct_models(comfy_host, tiny) -> DirectModels:
     nodes = comfy_host.nodes
     adapters = comfy_host.pack_submodule("nodes.comfy_adapters")
     clip = nodes.CLIPLoader().load_clip(TINY_FILES["text_encoder"], "wan")[0]
     vae = adapters.ComfyVideoVAE(nodes.VAELoader().load_vae(TINY_FILES["vae"])[0])
-    text = adapters.ComfyTextEncoder(clip)
     experts = [load_memento_expert(tiny[k], tiny[f"memento_{k}"]) for k in ("high", "low")]
     backbone = Backbone(experts[0][0], experts[1][0], experts[0][1], experts[1][1])
+    return DirectModels(adapters, adapters.ComfyTextEncoder(clip), vae, backbone)
+
+
+def shot_request(i: int, mode: str) -> ShotRequest:
+    """Shot ``i`` (0-based) of the graph's story as a memento_core request: seed 101 + i, CFG 3.5."""
+    return ShotRequest(
+        prompt=PROMPTS[i], width=W, height=H, frames=FRAMES, mode=mode, reconstruct=RECONSTRUCT,
+        negative=NEGATIVE, settings=ShotSettings(steps=STEPS, seed=101 + i),
+    )  # fmt: skip
+
+
+def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def render_expected(comfy_host, tiny):
+    """memento_core's render_shot with the same files, CLIP and VAE (through the pack's adapters):
+    shot 1 a cut from an empty memory, shots 2 and 3 continuing (mi2v), seeds 101..103, CFG 3.5
+    -> (records, banks after each shot, the adapters module)."""
+    m = direct_models(comfy_host, tiny)
     bank = MemoryBank.empty("memento")
     records, banks, video = [], [], None
-    for i, prompt in enumerate(PROMPTS):
-        request = ShotRequest(
-            prompt=prompt,
-            width=W,
-            height=H,
-            frames=FRAMES,
-            mode="cut" if i == 0 else "mi2v",
-            reconstruct=RECONSTRUCT,
-            negative=NEGATIVE,
-            settings=ShotSettings(steps=STEPS, seed=101 + i),
+    for i in range(len(PROMPTS)):
+        request = shot_request(i, "cut" if i == 0 else "mi2v")
+        record, bank = render_shot(
+            m.backbone, bank, request, m.vae, m.text, previous_video=video, shot_index=i + 1
         )
-        record, bank = render_shot(backbone, bank, request, vae, text, previous_video=video, shot_index=i + 1)
         records.append(record)
         banks.append(bank)
         video = record.video
-    return records, banks, adapters
+    return records, banks, m.adapters
 
 
 def test_three_shot_graph_equals_render_shot(comfy_host, story, expected):
@@ -196,7 +198,7 @@ def test_three_shot_graph_equals_render_shot(comfy_host, story, expected):
         got = saved_latent(comfy_host, result, f"s{i}_lat")
         want = adapters.raw_latent(record.latent)
         assert got.shape == (1, 16, 3, H // 8, W // 8)
-        err = float((got - want).abs().max() / want.abs().max())
+        err = rel_diff(got, want)
         print(f"shot {i}: max rel diff graph vs render_shot {err:.2e}")
         assert err <= 1e-5
     final = load_bank(saved_bank_path(result, "s3_save_bank"))
@@ -213,25 +215,15 @@ def test_mm2v_continuation_equals_render_shot(comfy_host, tiny, expected):
     graph = story_graph("mm2v", 2)
     graph["s2_gen"]["inputs"]["continue_with"] = "last 5 frames (MM2V)"
     result = comfy_host.run(graph)
-    nodes = comfy_host.nodes
-    clip = nodes.CLIPLoader().load_clip(TINY_FILES["text_encoder"], "wan")[0]
-    vae = adapters.ComfyVideoVAE(nodes.VAELoader().load_vae(TINY_FILES["vae"])[0])
-    experts = [load_memento_expert(tiny[k], tiny[f"memento_{k}"]) for k in ("high", "low")]
-    backbone = Backbone(experts[0][0], experts[1][0], experts[0][1], experts[1][1])
-    request = ShotRequest(
-        prompt=PROMPTS[1], width=W, height=H, frames=FRAMES, mode="mm2v", reconstruct=RECONSTRUCT,
-        negative=NEGATIVE, settings=ShotSettings(steps=STEPS, seed=102),
-    )  # fmt: skip
+    m = direct_models(comfy_host, tiny)
     record, _ = render_shot(
-        backbone, banks[0], request, vae, adapters.ComfyTextEncoder(clip), previous_video=records[0].video
+        m.backbone, banks[0], shot_request(1, "mm2v"), m.vae, m.text, previous_video=records[0].video
     )
-    got = saved_latent(comfy_host, result, "s2_lat")
-    want = adapters.raw_latent(record.latent)
-    err = float((got - want).abs().max() / want.abs().max())
+    err = rel_diff(saved_latent(comfy_host, result, "s2_lat"), adapters.raw_latent(record.latent))
     print(f"mm2v shot: max rel diff graph vs render_shot {err:.2e}")
     assert err <= 1e-5
-    mi2v = adapters.raw_latent(records[1].latent)
-    assert float((got - mi2v).abs().max() / mi2v.abs().max()) > 1e-3  # not the MI2V shot
+    got = saved_latent(comfy_host, result, "s2_lat")
+    assert rel_diff(got, adapters.raw_latent(records[1].latent)) > 1e-3  # not the MI2V shot
 
 
 def test_memory_selection_and_eviction(comfy_host, story, expected):

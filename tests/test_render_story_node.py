@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_nodes_errors import backbone, failed
-from test_nodes_graph import FRAMES, NEGATIVE, PROMPTS, RECONSTRUCT, STEPS, H, W, render_expected
-from tiny_comfy_models import TINY_FILES
+from test_nodes_graph import FRAMES, NEGATIVE, PROMPTS, RECONSTRUCT, STEPS, H, W, rel_diff, render_expected
+from tiny_comfy_models import TINY_FILES, loader_nodes
 
 from memento_core.media import read_mp4
 from memento_core.memory import load_bank
@@ -57,11 +57,7 @@ def render_inputs(folder: str, **over) -> dict:
 
 def render_graph(folder: str, **over) -> dict:
     return {
-        "clip": {
-            "class_type": "CLIPLoader",
-            "inputs": {"clip_name": TINY_FILES["text_encoder"], "type": "wan"},
-        },
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
+        **loader_nodes(),
         "bb": backbone(),
         "render": {"class_type": "MementoRenderStory", "inputs": render_inputs(folder, **over)},
     }
@@ -102,7 +98,7 @@ def test_render_story_equals_render_shot(rendered, expected):
     latents = shot_latents(folder)
     assert len(latents) == 3
     for i, (got, record) in enumerate(zip(latents, records, strict=True), start=1):
-        err = float((got - record.latent).abs().max() / record.latent.abs().max())
+        err = rel_diff(got, record.latent)
         print(f"shot {i}: max rel diff Render Story vs render_shot {err:.2e}")
         assert err <= 1e-5
     final = load_bank(folder / "memory_bank.safetensors")

@@ -30,7 +30,9 @@ __all__ = [
     "TINY_FILES",
     "TINY_UMT5_CONFIG",
     "TINY_VOCAB_CORPUS",
+    "backbone_inputs",
     "install_tiny_models",
+    "loader_nodes",
     "patch_tiny_umt5",
     "tiny_spiece_model",
     "write_tiny_experts",
@@ -313,6 +315,34 @@ TINY_FILES = {
     "memento_high": "backbone_high_noise.safetensors",
     "memento_low": "backbone_low_noise.safetensors",
 }
+
+
+def backbone_inputs(offload: str = "none", swap_blocks: int = 0, **over: Any) -> dict[str, Any]:
+    """Load Memento Backbone's inputs for the tiny files (fp32, strength 1, no extra LoRA) + ``over``."""
+    inputs: dict[str, Any] = {
+        "high_noise_model": TINY_FILES["high"],
+        "low_noise_model": TINY_FILES["low"],
+        "memento_high": TINY_FILES["memento_high"],
+        "memento_low": TINY_FILES["memento_low"],
+        "weight_dtype": "fp32",
+        "memento_strength": 1.0,
+        "offload": offload,
+        "swap_blocks": swap_blocks,
+    }
+    for n in (1, 2, 3):
+        inputs |= {f"lora_{n}": "None", f"strength_{n}": 1.0, f"expert_{n}": "both"}
+    return inputs | over
+
+
+def loader_nodes() -> dict[str, dict[str, Any]]:
+    """API-format CLIPLoader ("clip", the tiny umT5 as type wan) and VAELoader ("vae") nodes."""
+    return {
+        "clip": {
+            "class_type": "CLIPLoader",
+            "inputs": {"clip_name": TINY_FILES["text_encoder"], "type": "wan"},
+        },
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
+    }
 
 
 def install_tiny_models(host: Any) -> dict[str, Path]:
