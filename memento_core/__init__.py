@@ -10,6 +10,7 @@ from .keyframe_query import KeyframeQuery
 from .loading import load_dit
 from .memory import MemoryBank, MemoryFrame, Selection, load_bank, save_bank
 from .sampling import sample
+from .story import Story, StoryError, StoryShot, load_story
 
 __all__ = [
     "CheckpointError",
@@ -31,15 +32,3 @@ __all__ = [
     "sample",
     "save_bank",
 ]
-
-#: Names served from memento_core.story on first access. Importing that module here would make
-#: ``python -m memento_core.story`` (the story runner's CLI) warn that the module is already loaded.
-_STORY_NAMES = ("Story", "StoryError", "StoryShot", "load_story")
-
-
-def __getattr__(name: str) -> object:
-    if name in _STORY_NAMES:
-        from . import story
-
-        return getattr(story, name)
-    raise AttributeError(f"module 'memento_core' has no attribute {name!r}")

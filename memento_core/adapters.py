@@ -18,7 +18,15 @@ from torch import Tensor
 
 from .errors import ShapeError
 
-__all__ = ["LATENT_CHANNELS", "TextEncoder", "TinyTextEncoder", "TinyVAE", "VideoVAE"]
+__all__ = [
+    "LATENT_CHANNELS",
+    "TextEncoder",
+    "TinyImageEmbedder",
+    "TinyTextEncoder",
+    "TinyVAE",
+    "VideoVAE",
+    "encode_frames",
+]
 
 LATENT_CHANNELS = 16
 
@@ -97,3 +105,28 @@ class TinyVAE:
         repeats = torch.tensor([1] + [4] * (latent.shape[1] - 1), device=latent.device)
         video = torch.repeat_interleave(frames, repeats, dim=0)
         return video.permute(1, 0, 2, 3).clamp(-1, 1)
+
+
+def encode_frames(vae: VideoVAE, video: Tensor, indices: list[int]) -> Tensor:
+    """VAE-encode each chosen frame of ``video`` [3, F, H, W] ALONE as a 1-frame clip (never as a video)
+    -> [N, 16, h, w] (SPEC 4.1: every memory image is one latent frame)."""
+    return torch.stack([vae.encode(video[:, i : i + 1])[:, 0] for i in indices])
+
+
+class TinyImageEmbedder:
+    """A deterministic stand-in for CLIP image embeddings (tests and the tiny demo).
+
+    frames [N, 3, H, W] in [0, 1] -> [N, dim] unit rows: each frame is area-resized to 16x16, centred by
+    0.5 and projected by a fixed seeded Gaussian matrix. Similar frames give similar embeddings; it is
+    not a semantic model.
+    """
+
+    def __init__(self, dim: int = 64, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.proj = torch.randn(3 * 16 * 16, dim, generator=gen) / (3 * 16 * 16) ** 0.5
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ShapeError(f"image embedder: expected frames [N, 3, H, W], got {list(frames.shape)}")
+        small = F.adaptive_avg_pool2d(frames.detach().float().cpu(), 16) - 0.5
+        return F.normalize(small.flatten(1) @ self.proj, dim=-1)

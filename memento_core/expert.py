@@ -26,12 +26,30 @@ from .lora import LoraWeights, MergeReport, load_lora, merge_lora, parse_lora, p
 if TYPE_CHECKING:
     from .keyframe_query import KeyframeQuery
 
-__all__ = ["KFQ_PREFIX", "MementoExpert", "load_memento_expert", "load_memento_expert_report"]
+__all__ = [
+    "FAMILY_NAMES",
+    "KFQ_PREFIX",
+    "MementoExpert",
+    "load_memento_expert",
+    "load_memento_expert_report",
+    "lora_family",
+]
 
 PathLike = str | os.PathLike
 #: Normalised name prefix of the KeyframeQuery tensors inside a Memento file.
 KFQ_PREFIX = "keyframe_query."
 LoraSource = LoraWeights | PathLike | Mapping[str, Tensor]
+#: What each backbone family's files hold (the family picks the default memory policy).
+FAMILY_NAMES = {
+    "memento": "Memento (LoRA + KeyframeQuery)",
+    "storymem": "StoryMem (LoRA only, no KeyframeQuery)",
+}
+
+
+def lora_family(source: LoraSource) -> str:
+    """ "memento" when the file holds KeyframeQuery tensors, else "storymem" (reads the header only)."""
+    weights = _as_weights(source)
+    return "memento" if any(name.startswith(KFQ_PREFIX) for name in weights.other) else "storymem"
 
 
 @dataclass(frozen=True)
@@ -47,9 +65,15 @@ class MementoExpert:
     extra: tuple[MergeReport, ...] = ()
     kfq_unused: tuple[str, ...] = ()
 
+    @property
+    def family(self) -> str:
+        """ "memento" (the file held LoRA + KeyframeQuery) or "storymem" (LoRA only, as StoryMem ships)."""
+        return "memento" if self.keyframe_query is not None else "storymem"
+
     def summary(self) -> str:
-        """Readable lines for a node's text output (one per merged file, then the KFQ)."""
-        lines = [self.lora.summary(), *(r.summary() for r in self.extra)]
+        """Readable lines for a node's text output (the family, one per merged file, then the KFQ)."""
+        family = FAMILY_NAMES[self.family]
+        lines = [f"family: {family}", self.lora.summary(), *(r.summary() for r in self.extra)]
         kfq = self.keyframe_query
         lines.append(
             "KeyframeQuery: none in the file"

@@ -169,7 +169,8 @@ def open_checkpoint(path: PathLike | Sequence[PathLike]) -> CheckpointIndex:
         if p.suffix.lower() in _PICKLE_SUFFIXES:
             raise CheckpointError(
                 f"{p}: pickle checkpoints ({p.suffix}) are never loaded (they can run code); "
-                "use the .safetensors release of this model"
+                "use the .safetensors release of this model, or convert this file once (tensors only, "
+                f"no code runs): python -m memento_core.convert {p} {p.with_suffix('.safetensors')}"
             )
         for info in _read_header(p):
             name = _strip_prefix(info.key)

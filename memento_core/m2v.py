@@ -9,7 +9,8 @@ out, so an interrupted shot leaves the caller's bank untouched.
 (Keyframe Query Retrieve, Memento Generate Shot, Update Memory):
 ``encode_shot_text`` -> ``select_memory`` (KeyframeQuery per pool, on THIS shot's prompt) ->
 ``generate_shot`` (build y / positions, sample; nothing decoded) -> ``VideoVAE.decode`` ->
-``remember_shot`` (8 evenly spaced frames re-encoded one by one into the bank after selection).
+``remember_shot`` (the bank's memory policy adds the shot: Memento's 8 evenly spaced frames, StoryMem's
+CLIP keyframes, each re-encoded one by one into the bank after selection).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters import TextEncoder, VideoVAE
+from .adapters import TextEncoder, VideoVAE, encode_frames
 from .conditioning import (
     ShotMode,
     build_shot,
@@ -34,7 +35,17 @@ from .conditioning import (
 from .dit import WanDiT
 from .errors import ShapeError
 from .keyframe_query import KeyframeQuery, split_global_caption
-from .memory import MemoryBank, Selection, kfq_selector, memento_sample_indices, recency_selector
+from .memory import (
+    FinishedShot,
+    MemoryBank,
+    MemoryPolicy,
+    MemoryTools,
+    Remembered,
+    Selection,
+    SelectionInputs,
+    kfq_selector,
+    recency_selector,
+)
 from .sampling import StepInfo
 from .shot import ShotSettings, ShotText, sample_shot
 
@@ -69,6 +80,12 @@ class Backbone:
     kfq_high: KeyframeQuery | None = None
     kfq_low: KeyframeQuery | None = None
 
+    @property
+    def family(self) -> str:
+        """Which released weights these are, and so the default memory policy: "memento" (LoRA +
+        KeyframeQuery per expert) or "storymem" (LoRA only, no KeyframeQuery)."""
+        return "memento" if self.kfq_high is not None and self.kfq_low is not None else "storymem"
+
 
 @dataclass(frozen=True)
 class ShotRequest:
@@ -89,7 +106,9 @@ class ShotRequest:
 @dataclass(frozen=True)
 class ShotRecord:
     """A rendered shot. latent: [16, T, h, w]; video: [3, F, H, W] in [-1, 1]; identity: [16, 1, h, w]
-    or None; positions: per pool, the frame positions used; memory_ids: per pool, the frame ids used."""
+    or None; positions: per pool, the frame positions used; memory_ids: per pool, the frame ids used;
+    kept: the frames the memory policy keeps ([3, F', H, W]: saved as the shot; StoryMem drops the frames
+    a continuation repeats); memory_log: the policy's update fields (StoryMem: keyframes, bank_ids)."""
 
     latent: Tensor
     video: Tensor
@@ -98,35 +117,41 @@ class ShotRecord:
     positions: dict[str, list[int]]
     memory_ids: dict[str, list[str]]
     seconds: dict[str, float]
+    kept: Tensor | None = None
+    memory_log: dict[str, Any] = field(default_factory=dict)
 
     def log(self) -> dict[str, Any]:
-        """JSON-ready summary (no tensors)."""
+        """JSON-ready summary (no tensors): positions, memory ids, selection, the policy's update fields."""
         return {
             "positions": self.positions,
             "memory_ids": self.memory_ids,
             "selection": None if self.selection is None else self.selection.to_dict(),
+            **self.memory_log,
             "seconds": self.seconds,
         }
 
 
-def encode_frames(vae: VideoVAE, video: Tensor, indices: list[int]) -> Tensor:
-    """VAE-encode each chosen frame ALONE as a 1-frame clip (never as a video) -> [N, 16, h, w]."""
-    return torch.stack([vae.encode(video[:, i : i + 1])[:, 0] for i in indices])
-
-
 def remember_shot(
-    bank: MemoryBank, vae: VideoVAE, video: Tensor, prompt: str, shot_index: int | None = None
-) -> MemoryBank:
-    """Memento's memory update (SPEC 4.6): encode 8 evenly spaced frames of ``video`` [3, F, H, W] one
-    by one and add them to ``bank`` (which is unchanged) -> new bank with story time advanced by F."""
-    indices = memento_sample_indices(last=video.shape[1] - 1)
-    return bank.with_shot(
-        encode_frames(vae, video, indices),
-        frame_indices=indices,
-        prompt=prompt,
-        shot_index=shot_index,
-        frames_per_shot=video.shape[1],
-    )
+    bank: MemoryBank,
+    vae: VideoVAE,
+    video: Tensor,
+    prompt: str,
+    shot_index: int | None = None,
+    *,
+    mode: str = "cut",
+    policy: MemoryPolicy | None = None,
+    tools: MemoryTools | None = None,
+) -> Remembered:
+    """Add a finished shot to the memory with ``policy`` (default: the bank's own) -> :class:`Remembered`
+    (the new bank, the frames kept as the shot, the policy's log fields); ``bank`` is unchanged.
+
+    video: [3, F, H, W] every decoded frame; mode: how the shot was made ("cut", "mi2v", "mm2v", "t2v",
+    ...); tools: the VAE (default ``vae``) and, for StoryMem, an image embedder. Memento encodes 8 evenly
+    spaced frames one by one (SPEC 4.6); StoryMem its CLIP keyframes (SPEC 5).
+    """
+    policy = policy or bank.policy_object()
+    tools = tools or MemoryTools(vae)
+    return policy.remember(bank, FinishedShot(video, mode, prompt, shot_index), tools)
 
 
 def _check_request(req: ShotRequest) -> int:
@@ -168,18 +193,23 @@ def select_memory(
     prompt_t5: Tensor,
     global_t5: Tensor,
     *,
+    policy: MemoryPolicy | None = None,
     before_pool: Callable[[str], None] | None = None,
 ) -> tuple[MemoryBank, Selection | None]:
-    """Choose the memory of the next shot -> (bank for the shot, Selection or None for an empty bank).
+    """Choose the memory of the next shot with ``policy`` (default: the bank's own) -> (bank for the
+    shot, Selection or None for an empty bank).
 
     prompt_t5, global_t5: [1, L, text_dim] text-encoder outputs of the shot prompt and of its global
-    caption (``split_global_caption``). Each pool over capacity is selected by its own expert's
+    caption (``split_global_caption``). Memento: each pool over capacity is selected by its own expert's
     KeyframeQuery (the most recent frames when the backbone has none); the input bank is unchanged.
     before_pool(pool) runs before a pool's expert is used (to bring that expert onto the device).
     """
     if not (len(bank.pool("high")) or len(bank.pool("low"))):
         return bank, None
-    return bank.select_for_shot(_selectors(backbone, prompt_t5, global_t5, before_pool))
+    policy = policy or bank.policy_object()
+    return policy.select(
+        bank, SelectionInputs(selectors=_selectors(backbone, prompt_t5, global_t5, before_pool))
+    )
 
 
 @dataclass(frozen=True)
@@ -259,12 +289,15 @@ def render_shot(
     callback: Callable[[StepInfo], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     before_pool: Callable[[str], None] | None = None,
+    policy: MemoryPolicy | None = None,
+    tools: MemoryTools | None = None,
 ) -> tuple[ShotRecord, MemoryBank]:
     """Render one shot with memory and return it with the updated bank (the input bank is unchanged).
 
     The bank's frames for the shot are selected first (KeyframeQuery per expert, given THIS shot's
-    prompt), then the shot is sampled, decoded, and its 8 evenly spaced frames are re-encoded one by
-    one into the bank (SPEC 4.6). previous_video: [3, F, H, W] of the previous shot, for mi2v/mm2v.
+    prompt), then the shot is sampled, decoded, and ``policy`` (default: the bank's own) adds it to the
+    memory (Memento: its 8 evenly spaced frames re-encoded one by one, SPEC 4.6; StoryMem: its CLIP
+    keyframes with ``tools.embedder``). previous_video: [3, F, H, W] of the previous shot, for mi2v/mm2v.
     before_pool(pool): see :func:`select_memory` (brings an expert onto the device before its selection).
     Composition: ``encode_shot_text`` -> ``select_memory`` -> ``generate_shot`` -> decode ->
     ``remember_shot``.
@@ -276,7 +309,7 @@ def render_shot(
     if len(bank.pool("high")) or len(bank.pool("low")):
         global_t5 = text_encoder.encode(split_global_caption(request.prompt))
         bank_for_shot, selection = select_memory(
-            backbone, bank, text.prompt, global_t5, before_pool=before_pool
+            backbone, bank, text.prompt, global_t5, policy=policy, before_pool=before_pool
         )
     timings: dict[str, float] = {"select": time.perf_counter() - t0}
 
@@ -295,7 +328,9 @@ def render_shot(
 
     t2 = time.perf_counter()
     video = vae.decode(shot.latent)
-    new_bank = remember_shot(bank_for_shot, vae, video, request.prompt, shot_index)
+    remembered = remember_shot(
+        bank_for_shot, vae, video, request.prompt, shot_index, mode=request.mode, policy=policy, tools=tools
+    )
     timings["decode_update"] = time.perf_counter() - t2
     record = ShotRecord(
         latent=shot.latent,
@@ -305,8 +340,10 @@ def render_shot(
         positions=shot.positions,
         memory_ids=shot.memory_ids,
         seconds=timings,
+        kept=remembered.video,
+        memory_log=remembered.log,
     )
-    return record, new_bank
+    return record, remembered.bank
 
 
 def _selectors(

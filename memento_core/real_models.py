@@ -20,8 +20,14 @@ Model config (JSON; relative paths are relative to the config file)::
       "vae": "Wan2.2-T2V-A14B-Diffusers/vae",
       "dtype": "bf16", "device": "cuda", "lora_strength": 1.0,
       "text_device": "cpu",                                 # optional: umT5-XXL (11 GB) off the GPU
-      "offload": "swap_experts"                             # optional: one expert on the GPU at a time
+      "offload": "swap_experts",                            # optional: one expert on the GPU at a time
+      "clip": "open_clip/ViT-B-32.safetensors"              # optional: StoryMem's keyframe CLIP
     }
+
+``memento_high`` / ``memento_low`` take Memento's files (LoRA + KeyframeQuery) or StoryMem's
+(``Wan2.2-MI2V-A14B`` / ``Wan2.2-MM2V-A14B`` ``backbone_*_noise.safetensors``: LoRA only); which family
+they are picks the default memory policy. ``clip``: an open_clip ViT-B-32 (OpenAI, QuickGELU) weights
+file in open_clip's layout, for the storymem policy's keyframes (never downloaded at run time).
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from torch import Tensor
 
 from .adapters import LATENT_CHANNELS
 from .errors import MementoError, ShapeError
-from .expert import load_memento_expert
+from .expert import load_memento_expert, lora_family
 from .fp8 import quantize_fp8
 from .m2v import Backbone
+from .models import ModelSet, load_t2v_experts
 
 __all__ = [
     "DiffusersWanVAE",
@@ -78,6 +85,7 @@ class ModelConfig:
     text_device: str | None = None
     offload: str = "none"
     lora_strength: float = 1.0
+    clip: str | None = None
     source: str = "<config>"
 
     def describe(self) -> dict[str, Any]:
@@ -113,7 +121,7 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise ModelConfigError(f"model config {source}: field 'dtype': expected one of {list(DTYPES)}")
     base = source.parent
     resolved: dict[str, Any] = dict(data)
-    for key in (*_PATH_FIELDS, "t2v_high", "t2v_low"):
+    for key in (*_PATH_FIELDS, "t2v_high", "t2v_low", "clip"):
         if not data.get(key):
             continue
         p = Path(data[key]).expanduser()
@@ -223,10 +231,9 @@ class UMT5TextEncoder:
         return hidden[:, :length].float().cpu()
 
 
-def real_models(config: ModelConfig) -> Any:
-    """A :class:`memento_core.runner.ModelSet` over the configured weights (experts load on first use)."""
-    from .runner import ModelSet, load_t2v_experts
-
+def real_models(config: ModelConfig) -> ModelSet:
+    """A :class:`memento_core.models.ModelSet` over the configured weights (experts load on first use).
+    The family of the Memento / StoryMem files (read from their headers) picks the default policy."""
     dtype = DTYPES[config.dtype]
     device = config.device
     swap = config.offload == "swap_experts"
@@ -251,6 +258,18 @@ def real_models(config: ModelConfig) -> Any:
     def t2v() -> tuple[Any, Any]:
         return load_t2v_experts(config.t2v_high, config.t2v_low, dtype, load_to, fp8=config.dtype == "fp8")
 
+    families = {lora_family(config.memento_high), lora_family(config.memento_low)}
+    if len(families) != 1:
+        raise ModelConfigError(
+            f"model config {config.source}: memento_high and memento_low are of different families "
+            f"({' and '.join(sorted(families))}); give both experts' files of one release"
+        )
+
+    def embedder() -> Any:
+        from .keyframes import ClipEmbedder
+
+        return ClipEmbedder.create("ViT-B-32", pretrained=config.clip)
+
     return ModelSet(
         kind="real",
         description=config.describe(),
@@ -262,4 +281,6 @@ def real_models(config: ModelConfig) -> Any:
         load_t2v=t2v if config.t2v_high else None,
         device=device,
         swap_experts=swap,
+        family=families.pop(),
+        load_embedder=embedder if config.clip else None,
     )

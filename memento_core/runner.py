@@ -1,14 +1,19 @@
 """The story runner: render a whole story script shot by shot, with memory, resumable.
 
-Shot order and rules follow Memento's reference pipeline (``pipeline_learnable_acce.py``):
+The run follows the chosen memory policy (``memento_core.memory``: ``memento``, ``storymem``, ...),
+which owns the sampler settings, how each shot's memory is chosen and what a finished shot leaves in
+memory; the runner holds the policy and never tests its name. Shot order and rules follow the reference
+pipelines (Memento's ``pipeline_learnable_acce.py``, StoryMem's ``pipeline.py``):
 
 - shot 1 of the story: plain Wan2.2-T2V (shift 12, boundary 0.875, CFG 3.5; ``first_shot="t2v"``), or
   memory-to-video from an empty memory (``"empty"``) or from reference images (``"references"``, MR2V);
-- later shots: memory-to-video with KeyframeQuery selection; ``cut: true`` is a hard cut with CFG 5.0
-  (3.5 + 1.5), ``cut: false`` continues from the previous shot's last frame (MI2V) with CFG 3.5, or with
-  ``continuation="mm2v"`` from its last 5 frames (MM2V; CFG 5.0, as the reference's ``--mm2v`` alone);
-- seed of a shot: ``seed + index_in_scene``; the identity slot reads the script's ``reconstruct_target``;
-- after each shot its 8 evenly spaced frames join the memory bank (SPEC 4.6).
+- later shots: memory-to-video; ``cut: true`` is a hard cut, ``cut: false`` continues from the previous
+  shot's last frame (MI2V), or with ``continuation="mm2v"`` from its last 5 frames (MM2V). CFG by the
+  policy: Memento 3.5, and 5.0 (3.5 + 1.5) on shots without a first frame (cuts, MM2V as the
+  reference's ``--mm2v`` alone); StoryMem 3.5 on every shot;
+- seed of a shot: ``seed + index_in_scene``; the identity slot (Memento) reads ``reconstruct_target``;
+- after each shot the policy adds it to the memory bank (Memento: 8 evenly spaced frames, SPEC 4.6;
+  StoryMem: CLIP keyframes, sink + recent, SPEC 5) and says which frames are kept as the shot.
 
 Everything a later shot depends on (the bank and the previous shot's last frames) is saved after each
 shot under ``<out>/state/``, so ``resume=True`` continues after the last finished shot and produces
@@ -22,52 +27,70 @@ exactly the frames of an uninterrupted run. Outputs (one folder)::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from torch import Tensor
 
-from .adapters import TextEncoder, TinyTextEncoder, TinyVAE, VideoVAE
+from .adapters import TextEncoder
 from .conditioning import MOTION_FRAMES, latent_frames
 from .dit import WanDiT
 from .errors import MementoError, ShapeError
-from .fp8 import quantize_fp8
-from .keyframe_query import KeyframeQuery
-from .loading import load_dit
-from .m2v import WAN_NEGATIVE_PROMPT, Backbone, ShotRequest, remember_shot, render_shot
+from .m2v import WAN_NEGATIVE_PROMPT, ShotRequest, remember_shot, render_shot
 from .media import FPS, join_mp4, write_mp4
-from .memory import MemoryBank, load_bank, save_bank
+from .memory import (
+    MemoryBank,
+    MemoryPolicy,
+    MemoryTools,
+    SamplerDefaults,
+    get_policy,
+    load_bank,
+    policy_names,
+    save_bank,
+)
+from .models import ModelSet
 from .offload import ExpertSwap
 from .preview import SheetTile, contact_sheet, save_png, selection_rows
 from .sampling import StepInfo
 from .shot import ShotSettings, ShotText, sample_t2v_shot
-from .story import Story, StoryShot, load_story
-from .tiny import tiny_dit
+from .story import Story, StoryShot
 
 __all__ = [
-    "ModelSet",
+    "CONTINUATIONS",
+    "FIRST_SHOT_MODES",
+    "RUNNER_POLICIES",
+    "Progress",
     "RunFolderError",
     "RunSettings",
     "RunnerError",
-    "cli",
-    "load_t2v_experts",
     "render_story",
-    "tiny_models",
 ]
 
 STATE_VERSION = 1
 FIRST_SHOT_MODES = ("t2v", "empty", "references")
 CONTINUATIONS = ("mi2v", "mm2v")
+#: The policies a story run can use: their selection needs nothing beyond the KeyframeQuerys (camera
+#: poses in scripts come with the camera-policy work).
+RUNNER_POLICIES = policy_names(without=("targets", "keep_ids"))
+#: RunSettings fields that default to the policy's sampler settings (None: the policy decides).
+SAMPLER_FIELDS = (
+    "shift",
+    "boundary",
+    "guidance",
+    "cut_guidance",
+    "t2v_shift",
+    "t2v_boundary",
+    "t2v_guidance",
+)
 
 
 class RunnerError(MementoError):
@@ -85,19 +108,28 @@ class RunFolderError(RunnerError):
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How to render a story. Defaults are Memento's (832x480, 81 frames, 40 steps)."""
+    """How to render a story. Sizes default to the released models' (832x480, 81 frames, 40 steps).
+
+    policy: the memory policy's name (None: the backbone's family, ``ModelSet.family``); capacity: its
+    memory size (None: the policy's default, Memento 8, StoryMem 10); shift .. t2v_guidance: None takes
+    the policy's sampler settings (:meth:`sampler`), a number overrides them; identity: use the
+    identity slot when the policy has one.
+    """
 
     width: int = 832
     height: int = 480
     frames: int = 81
     steps: int = 40
     seed: int = 0
-    shift: float = 5.0
-    boundary: float = 0.9
-    guidance: float = 3.5
-    cut_guidance: float = 5.0
-    t2v_shift: float = 12.0
-    t2v_boundary: float = 0.875
+    policy: str | None = None
+    capacity: int | None = None
+    shift: float | None = None
+    boundary: float | None = None
+    guidance: float | None = None
+    cut_guidance: float | None = None
+    t2v_shift: float | None = None
+    t2v_boundary: float | None = None
+    t2v_guidance: float | None = None
     solver: str = "unipc"
     first_shot: str = "t2v"
     continuation: str = "mi2v"
@@ -126,78 +158,33 @@ class RunSettings:
                 raise RunnerError(f"reference image {path}: no such file")
         if self.max_shots is not None and self.max_shots < 1:
             raise RunnerError(f"max_shots: must be >= 1, got {self.max_shots}")
+        if self.capacity is not None and self.capacity < 1:
+            raise RunnerError(f"capacity: must be >= 1, got {self.capacity}")
         if self.frames < 9:  # 8 distinct evenly spaced frames go to memory after each shot
             raise ShapeError(f"frames: need at least 9 frames per shot (8 go to memory), got {self.frames}")
 
+    def memory_policy(self, family: str = "memento") -> MemoryPolicy:
+        """The policy object: ``policy`` (or ``family``) with ``capacity`` when given."""
+        name = self.policy or family
+        if name not in RUNNER_POLICIES:
+            raise RunnerError(f"policy: expected one of {', '.join(RUNNER_POLICIES)}, got {name!r}")
+        options = {} if self.capacity is None else {"capacity": self.capacity}
+        return get_policy(name, **options)
 
-@dataclass
-class ModelSet:
-    """The models a story needs. The backbone is loaded on first use and kept; the T2V experts (shot 1
-    only) are loaded when needed and released right after, as the reference pipeline does.
+    def sampler(self, policy: MemoryPolicy) -> SamplerDefaults:
+        """The policy's sampler settings with the fields given here overriding them."""
+        given = {name: getattr(self, name) for name in SAMPLER_FIELDS if getattr(self, name) is not None}
+        return replace(policy.sampler, **given)
 
-    kind: "tiny", "real" or "comfyui"; description: JSON-ready facts for the log and for resume checks;
-    device: where sampling runs; swap_experts: the loaders leave the experts on the CPU and only the
-    expert being sampled is moved to ``device`` (``memento_core.offload.ExpertSwap``), so one GPU holds
-    one 14B expert at a time. placement: when given, it places the backbone's experts for a memory shot
-    instead (a context manager yielding ``ensure(pool)``, called before a pool's KeyframeQuery runs);
-    the ComfyUI node passes ComfyUI's model management here.
-    """
-
-    kind: str
-    description: dict[str, Any]
-    vae: VideoVAE
-    text_encoder: TextEncoder
-    load_backbone: Callable[[], Backbone]
-    load_t2v: Callable[[], tuple[WanDiT, WanDiT]] | None = None
-    device: str = "cpu"
-    swap_experts: bool = False
-    placement: Callable[[Backbone], AbstractContextManager[Callable[[str], None] | None]] | None = None
-    _backbone: Backbone | None = field(default=None, repr=False)
-
-    def backbone(self) -> Backbone:
-        if self._backbone is None:
-            self._backbone = self.load_backbone()
-        return self._backbone
-
-
-def _tiny_kfq(seed: int) -> KeyframeQuery:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return KeyframeQuery(dim=256, num_heads=2).eval().requires_grad_(False)
-
-
-def load_t2v_experts(
-    high: Any, low: Any, dtype: torch.dtype, device: str | torch.device = "cpu", fp8: bool = False
-) -> tuple[WanDiT, WanDiT]:
-    """The two Wan2.2 T2V experts for shot 1 (anything ``load_dit`` takes; refused unless T2V), with
-    their block weights stored in fp8 (``memento_core.fp8``) when ``fp8``."""
-    experts = [load_dit(path, dtype=dtype, device=device, expect="t2v") for path in (high, low)]
-    if fp8:
-        experts = [quantize_fp8(expert) for expert in experts]
-    return experts[0], experts[1]
-
-
-def tiny_models(seed: int = 0) -> ModelSet:
-    """The embedded tiny system: real architecture (2-layer, 256-wide experts with the official keys and
-    KeyframeQuery modules), deterministic random weights, TinyVAE and TinyTextEncoder. It shows the
-    pipeline working end to end; its videos are noise-like patterns, not a story."""
-
-    def backbone() -> Backbone:
-        return Backbone(
-            tiny_dit("i2v", seed=seed + 1),
-            tiny_dit("i2v", seed=seed + 2),
-            _tiny_kfq(seed + 3),
-            _tiny_kfq(seed + 4),
+    def resolved(self, policy: MemoryPolicy) -> RunSettings:
+        """These settings with the policy and every sampler setting written out (for logs and resume)."""
+        sampler = self.sampler(policy)
+        return replace(
+            self,
+            policy=policy.name,
+            capacity=policy.capacity,
+            **{name: getattr(sampler, name) for name in SAMPLER_FIELDS},
         )
-
-    return ModelSet(
-        kind="tiny",
-        description={"kind": "tiny", "seed": seed, "dit": "2 layers, dim 256, text_dim 64"},
-        vae=TinyVAE(seed),
-        text_encoder=TinyTextEncoder(64),
-        load_backbone=backbone,
-        load_t2v=lambda: (tiny_dit("t2v", seed=seed + 5), tiny_dit("t2v", seed=seed + 6)),
-    )
 
 
 class CachedTextEncoder:
@@ -266,7 +253,9 @@ class _Finished:
     tail: Tensor
 
 
-def _fingerprint(story: Story, settings: RunSettings, models: ModelSet) -> dict[str, Any]:
+def _fingerprint(
+    story: Story, settings: RunSettings, models: ModelSet, policy: MemoryPolicy
+) -> dict[str, Any]:
     script = json.dumps(story.to_dict(), sort_keys=True, ensure_ascii=False)
     run = asdict(settings)
     run.pop("max_shots")  # rendering more (or fewer) shots of the same story is a valid resume
@@ -275,6 +264,7 @@ def _fingerprint(story: Story, settings: RunSettings, models: ModelSet) -> dict[
         "version": STATE_VERSION,
         "story_sha256": hashlib.sha256(script.encode()).hexdigest(),
         "settings": run,
+        "policy": policy.describe(),
         "models": models.description,
     }
 
@@ -341,11 +331,14 @@ def render_story(
     already holds a run. Without either, such a folder is refused so nothing is lost.
     """
     settings.check()
+    policy = settings.memory_policy(models.family)
+    settings = settings.resolved(policy)
+    tools = _memory_tools(policy, models)
     out = Path(out)
     state_dir = out / "state"
     shots = story.shots[: settings.max_shots] if settings.max_shots else story.shots
     progress = progress or Progress(len(shots))
-    fingerprint = _fingerprint(story, settings, models)
+    fingerprint = _fingerprint(story, settings, models, policy)
     log_path = out / "story_log.json"
 
     done: list[dict[str, Any]] = []
@@ -394,15 +387,16 @@ def render_story(
         },
         "models": models.description,
         "settings": asdict(settings),
+        "policy": policy.describe(),
         "shots": done,
     }
-    bank = finished.bank if finished else MemoryBank.empty("memento")
+    bank = finished.bank if finished else policy.empty_bank()
     tail = finished.tail if finished else None
     for shot in shots[len(done) :]:
         mode = _shot_plan(shot, settings, models.load_t2v is not None)
         progress.shot(shot, mode)
         entry, bank, tail = _render_one(
-            story, shot, mode, models, encoder, settings, bank, tail, out, progress
+            story, shot, mode, models, encoder, settings, policy, tools, bank, tail, out, progress
         )
         done.append(entry)
         _atomic_json(log, log_path)
@@ -416,6 +410,18 @@ def render_story(
     return log
 
 
+def _memory_tools(policy: MemoryPolicy, models: ModelSet) -> MemoryTools:
+    """The VAE, and the image embedder when the policy picks keyframes (a readable error without one)."""
+    embedder = models.embedder() if policy.needs_embedder else None
+    if policy.needs_embedder and embedder is None:
+        raise RunnerError(
+            f"the {policy.name} policy picks keyframes with CLIP image embeddings: on the command line add "
+            "\"clip\": an open_clip ViT-B-32 .safetensors file to the model config (README 'Real models'); "
+            "in ComfyUI connect Load CLIP Vision to 'clip_vision'"
+        )
+    return MemoryTools(models.vae, embedder, models.scorer)
+
+
 def _render_one(
     story: Story,
     shot: StoryShot,
@@ -423,24 +429,26 @@ def _render_one(
     models: ModelSet,
     encoder: TextEncoder,
     settings: RunSettings,
+    policy: MemoryPolicy,
+    tools: MemoryTools,
     bank: MemoryBank,
     tail: Tensor | None,
     out: Path,
     progress: Progress,
 ) -> tuple[dict[str, Any], MemoryBank, Tensor]:
     seed = settings.seed + shot.index_in_scene
-    # T2V and MI2V shots use the base CFG; every other memory shot gets 5.0 (the reference adds 1.5
-    # whenever no first frame is given: cuts, and MM2V shots under its --mm2v flag).
-    guidance = settings.guidance if mode in ("t2v", "mi2v") else settings.cut_guidance
+    sampler = settings.sampler(policy)
+    guidance = sampler.guidance_for(mode)
     t2v = mode == "t2v"
     shot_settings = ShotSettings(
         steps=settings.steps,
-        shift=settings.t2v_shift if t2v else settings.shift,
-        boundary=settings.t2v_boundary if t2v else settings.boundary,
+        shift=sampler.t2v_shift if t2v else sampler.shift,
+        boundary=sampler.t2v_boundary if t2v else sampler.boundary,
         guidance_high=guidance,
         guidance_low=guidance,
         solver=settings.solver,
         seed=seed,
+        renoise_memory=sampler.renoise_memory,
     )
     t0 = time.perf_counter()
     entry: dict[str, Any] = {
@@ -451,6 +459,7 @@ def _render_one(
         "prompt": shot.prompt,
         "mode": mode,
         "seed": seed,
+        "policy": policy.name,
     }
     if shot.number == 0 and not shot.cut:
         entry["note"] = "the first shot has cut: false but nothing to continue from; rendered as a cut"
@@ -467,19 +476,26 @@ def _render_one(
             torch.cuda.empty_cache()
         latent = result.target
         video = models.vae.decode(latent)
-        new_bank = remember_shot(bank, models.vae, video, shot.prompt, shot.number + 1)
-        identity, used, selection, positions = None, {}, None, {}
+        remembered = remember_shot(
+            bank, models.vae, video, shot.prompt, shot.number + 1, mode=mode, policy=policy, tools=tools
+        )
+        new_bank, kept = remembered.bank, remembered.video
+        identity, used, selection = None, {}, None
+        positions = {pool: list(range(size[0])) for pool in ("high", "low")}
+        entry.update({"positions": positions, "memory_ids": {"high": [], "low": []}, **remembered.log})
     else:
         if mode == "references":
-            bank = bank.with_references(_reference_latents(settings, models.vae))
+            latents, embeddings = _reference_memory(settings, tools)
+            bank = bank.with_references(latents, clip_embeddings=embeddings)
         request = ShotRequest(
             prompt=shot.prompt,
             width=settings.width,
             height=settings.height,
             frames=settings.frames,
             mode=mode if mode in CONTINUATIONS else "cut",
-            reconstruct=story.reconstruct_target if settings.identity else None,
+            reconstruct=story.reconstruct_target if settings.identity and sampler.identity_slot else None,
             negative=settings.negative,
+            scheme=sampler.scheme,
             settings=shot_settings,
         )
         backbone = models.backbone()
@@ -488,17 +504,17 @@ def _render_one(
             record, new_bank = render_shot(
                 backbone, bank, request, models.vae, encoder, previous_video=tail,
                 shot_index=shot.number + 1, device=models.device, callback=progress.step,
-                before_pool=ensure,
+                before_pool=ensure, policy=policy, tools=tools,
             )  # fmt: skip
-        latent, video, identity = record.latent, record.video, record.identity
+        latent, identity, kept = record.latent, record.identity, record.kept
         used, selection, positions = record.memory_ids, record.selection, record.positions
         entry.update(record.log())
     entry.update({"guidance": {"high": guidance, "low": guidance}, "shift": shot_settings.shift})
     entry["boundary"], entry["steps"] = shot_settings.boundary, shot_settings.steps
 
     files = {"video": f"shots/{shot.label}.mp4", "memory": f"memory/{shot.label}.png"}
-    write_mp4(video, out / files["video"], fps=FPS)
-    rows = selection_rows(bank, used, selection, models.vae.decode, positions) if used else []
+    write_mp4(kept, out / files["video"], fps=FPS)
+    rows = selection_rows(bank, used, selection, models.vae.decode, positions) if any(used.values()) else []
     if not any(tiles for _, tiles in rows):
         rows = [("none", [])]
     if identity is not None:
@@ -509,11 +525,11 @@ def _render_one(
             out / files["identity"],
         )
     save_png(contact_sheet(rows), out / files["memory"])
-    _save_state(out / "state", shot, new_bank, video, latent)
+    _save_state(out / "state", shot, new_bank, kept, latent)
     entry["files"] = files
     entry["seconds_total"] = round(time.perf_counter() - t0, 3)
     progress.message(f"{shot.label} done in {entry['seconds_total']:.1f}s -> {files['video']}")
-    return entry, new_bank, video[:, -MOTION_FRAMES:]
+    return entry, new_bank, kept[:, -MOTION_FRAMES:]
 
 
 @contextmanager
@@ -535,11 +551,13 @@ def _residency(models: ModelSet, high: WanDiT, low: WanDiT) -> Iterator[None]:
         yield None
 
 
-def _reference_latents(settings: RunSettings, vae: VideoVAE) -> Tensor:
-    """Each reference image, fitted (cover + centre crop) to the shot size, encoded alone -> [N, 16, h, w]."""
+def _reference_memory(settings: RunSettings, tools: MemoryTools) -> tuple[Tensor, Tensor | None]:
+    """The reference images as memory: each image fitted (cover + centre crop)
+    to the shot size and encoded alone -> latents [N, 16, h, w], and their image embeddings [N, D] when
+    the policy uses them (StoryMem compares new keyframes against every stored one, references included)."""
     from PIL import Image, ImageOps
 
-    out = []
+    images = []
     for path in settings.references:
         try:
             img = Image.open(path).convert("RGB")
@@ -547,93 +565,10 @@ def _reference_latents(settings: RunSettings, vae: VideoVAE) -> Tensor:
             raise RunnerError(f"reference image {path}: cannot be read ({exc})") from exc
         img = ImageOps.fit(img, (settings.width, settings.height), Image.Resampling.LANCZOS)
         pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-        pixels = pixels.view(settings.height, settings.width, 3).permute(2, 0, 1).float() / 127.5 - 1
-        out.append(vae.encode(pixels[:, None])[:, 0])
-    return torch.stack(out)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-#: Defaults used with the tiny models (small enough for a 3-shot story in well under 2 minutes on CPU).
-TINY_DEFAULTS = {"width": 256, "height": 160, "frames": 33, "steps": 12}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m memento_core.story",
-        description="Render a Memento story script shot by shot with memory. Without a model config "
-        "it runs the built-in tiny models (random weights) to show the pipeline.",
-    )
-    p.add_argument("story", help="story script (.json, SPEC 7)")
-    p.add_argument("--out", "-o", help="output folder (default: output/<script name>)")
-    p.add_argument("--resume", action="store_true", help="continue after the last finished shot")
-    p.add_argument("--overwrite", action="store_true", help="start over in a folder holding a run")
-    p.add_argument(
-        "--models",
-        help="JSON model config for real weights (default: $MEMENTO_MODELS; none: tiny models). "
-        "See README 'Real models'.",
-    )
-    p.add_argument("--tiny", action="store_true", help="use the tiny models even if $MEMENTO_MODELS is set")
-    p.add_argument("--shots", type=int, help="render only the first N shots")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--frames", type=int, help="pixel frames per shot, 4n+1 (Memento: 81)")
-    p.add_argument("--steps", type=int, help="sampling steps (Memento: 40)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; a shot uses seed + its index in the scene")
-    p.add_argument("--first-shot", choices=FIRST_SHOT_MODES, default="t2v")
-    p.add_argument("--reference", action="append", default=[], help="reference image (MR2V), repeatable")
-    p.add_argument(
-        "--continue",
-        dest="continuation",
-        choices=CONTINUATIONS,
-        default="mi2v",
-        help="how 'cut: false' shots continue: from the last frame (mi2v) or the last 5 frames (mm2v)",
-    )
-    p.add_argument("--no-identity", action="store_true", help="no identity (subject reconstruction) slot")
-    p.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    return p
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m memento_core.story``: parse arguments, pick the models, render. Returns the exit code."""
-    args = _parser().parse_args(argv)
-    config = None if args.tiny else (args.models or os.environ.get("MEMENTO_MODELS") or None)
-    try:
-        story = load_story(args.story)
-        if config:
-            from .real_models import load_model_config, real_models
-
-            models = real_models(load_model_config(config))
-            defaults: dict[str, Any] = {}
-        else:
-            models, defaults = tiny_models(), dict(TINY_DEFAULTS)
-        given = {k: getattr(args, k) for k in ("width", "height", "frames", "steps") if getattr(args, k)}
-        settings = replace(
-            RunSettings(),
-            **{**defaults, **given},
-            seed=args.seed,
-            solver=args.solver,
-            first_shot="references" if args.reference and args.first_shot == "t2v" else args.first_shot,
-            references=tuple(args.reference),
-            continuation=args.continuation,
-            identity=not args.no_identity,
-            max_shots=args.shots,
-        )
-        out = Path(args.out) if args.out else Path("output") / Path(args.story).stem
-        progress = Progress(min(len(story.shots), args.shots or len(story.shots)), enabled=not args.quiet)
-        for warning in story.warnings:
-            progress.message(f"warning: {warning}")
-        render_story(
-            story, models, settings, out, resume=args.resume, overwrite=args.overwrite, progress=progress
-        )
-    except MementoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted; finished shots are kept. Run the same command with --resume to go on.",
-            file=sys.stderr,
-        )
-        return 130
-    return 0
+        images.append(pixels.view(settings.height, settings.width, 3).permute(2, 0, 1).float() / 127.5 - 1)
+    video = torch.stack(images, 1)  # [3, N, H, W]
+    latents = torch.stack([tools.vae.encode(video[:, i : i + 1])[:, 0] for i in range(video.shape[1])])
+    embeddings = None
+    if tools.embedder is not None:
+        embeddings = tools.embedder(((video + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3))
+    return latents, embeddings

@@ -1,9 +1,12 @@
 """Load Memento Backbone: the two Wan2.2 I2V A14B experts with the Memento LoRA merged, their
 KeyframeQuerys, extra LoRAs, and how the weights are placed on the GPU during a shot.
 
-Files: base experts from ``models/diffusion_models``; Memento weights (``backbone_high_noise`` /
-``backbone_low_noise.safetensors``: LoRA + KeyframeQuery) from ``models/memento`` (a folder this pack
-registers) or ``models/loras``; extra LoRAs from ``models/loras``.
+Files: base experts from ``models/diffusion_models``; the memory model's weights from ``models/memento``
+(a folder this pack registers) or ``models/loras``: Memento's ``backbone_high_noise`` /
+``backbone_low_noise.safetensors`` (LoRA + KeyframeQuery) or StoryMem's (``Wan2.2-MI2V-A14B`` /
+``Wan2.2-MM2V-A14B``: LoRA only; convert its ``.pth`` files once with ``python -m memento_core.convert``).
+The family of the files (reported in ``info``) picks the default memory policy. Extra LoRAs from
+``models/loras``.
 
 Weight dtype: bf16 (default), fp16, fp32, or fp8: loaded in bf16, LoRAs merged, then the block
 projections are stored as fp8 e4m3fn with per-row scales and dequantised to bf16 per projection at run
@@ -33,7 +36,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..memento_core.expert import MementoExpert, load_memento_expert_report
+from ..memento_core.expert import FAMILY_NAMES, MementoExpert, load_memento_expert_report
 from ..memento_core.fp8 import is_fp8, quantize_fp8
 from ..memento_core.m2v import Backbone
 from ..memento_core.offload import BlockSwap, ExpertSwap, resident_modules, swapped_blocks
@@ -200,8 +203,9 @@ class MementoLoadBackbone(io.ComfyNode):
             node_id="MementoLoadBackbone",
             display_name="Load Memento Backbone",
             category=CATEGORY,
-            description="Loads the Wan2.2 I2V A14B experts with the Memento LoRA merged and their "
-            "KeyframeQuerys, for memory-conditioned shots.",
+            description="Loads the Wan2.2 I2V A14B experts with a memory model merged: Memento's files "
+            "(LoRA + KeyframeQuery) or StoryMem's (MI2V / MM2V LoRA only). The family picks the default "
+            "memory policy.",
             inputs=inputs,
             outputs=[
                 MementoBackboneSocket.Output("backbone", display_name="backbone"),
@@ -283,6 +287,11 @@ class MementoLoadBackbone(io.ComfyNode):
             if weight_dtype == "fp8":
                 quantize_fp8(experts[pool].dit)  # after every LoRA merge
         high, low = experts["high"], experts["low"]
+        if high.family != low.family:
+            raise ValueError(
+                f"{NODE}: memento_high is a {FAMILY_NAMES[high.family]} file but memento_low is a "
+                f"{FAMILY_NAMES[low.family]} file; pick both experts' files of one release."
+            )
         if high.dit.config.text_dim != low.dit.config.text_dim or high.dit.config.dim != low.dit.config.dim:
             raise ValueError(
                 f"{NODE}: the high-noise and low-noise experts do not match (dim {high.dit.config.dim} vs "
@@ -311,6 +320,7 @@ class MementoLoadBackbone(io.ComfyNode):
             facts={
                 "experts": {pool: files[pool][1] for pool in files},
                 "memento": {pool: memento[pool][1] for pool in memento},
+                "family": high.family,
                 "memento_strength": float(memento_strength),
                 "weight_dtype": weight_dtype,
                 "extra_loras": {pool: names[pool] for pool in names},

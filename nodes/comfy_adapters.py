@@ -19,11 +19,13 @@ from __future__ import annotations
 from typing import Any
 
 import comfy.latent_formats
+import comfy.model_management
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ComfyImageEmbedder",
     "ComfyTextEncoder",
     "ComfyVideoVAE",
     "approx_decode",
@@ -153,3 +155,39 @@ class ComfyVideoVAE:
         images = self.vae.decode(samples)
         images = images.reshape(-1, *images.shape[-3:])  # [F, H, W, 3], as VAEDecode does
         return image_to_video(images)
+
+
+class ComfyImageEmbedder:
+    """memento_core ``ImageEmbedder`` over a ComfyUI CLIP_VISION (Load CLIP Vision): frames [N, 3, H, W]
+    in [0, 1] -> unit image embeddings [N, D] float32 on the CPU, for StoryMem's keyframes.
+
+    The frames are prepared as StoryMem prepares them (squashed to the model's input size, bilinear, no
+    crop: ``memento_core.keyframes.clip_preprocess``), not with ComfyUI's crop; the embedding is the
+    model's projected ``image_embeds``. StoryMem's thresholds were set on CLIP ViT-B/32, which ComfyUI's
+    CLIP vision loader does not read; any CLIP vision model it loads works (ViT-L/14 is common).
+    """
+
+    def __init__(self, clip_vision: Any, node: str = "Memento", batch_size: int = 16) -> None:
+        if clip_vision is None or not all(
+            hasattr(clip_vision, a) for a in ("model", "patcher", "load_device")
+        ):
+            raise ValueError(
+                f"{node}: the 'clip_vision' input is not a CLIP vision model; connect Load CLIP Vision."
+            )
+        self.clip_vision, self.node, self.batch_size = clip_vision, node, batch_size
+
+    @torch.no_grad()
+    def __call__(self, frames: Tensor) -> Tensor:
+        from ..memento_core.keyframes import clip_preprocess
+
+        cv = self.clip_vision
+        comfy.model_management.load_model_gpu(cv.patcher)
+        size = int(getattr(cv, "image_size", 224))
+        mean = tuple(getattr(cv, "image_mean", (0.48145466, 0.4578275, 0.40821073)))
+        std = tuple(getattr(cv, "image_std", (0.26862954, 0.26130258, 0.27577711)))
+        out = []
+        for chunk in frames.split(self.batch_size):
+            pixels = clip_preprocess(chunk.float(), size, mean, std).to(cv.load_device)
+            embeds = cv.model(pixel_values=pixels, intermediate_output=-2)[2]
+            out.append(F.normalize(embeds.float(), dim=-1).cpu())
+        return torch.cat(out)

@@ -5,13 +5,15 @@ Banks are immutable ``memento_core.memory.MemoryBank`` values; every node return
 
 * Memento Memory Bank: each reference IMAGE is VAE-encoded ALONE as a 1-frame clip (SPEC 4.1) and
   pinned (never evicted); references set the bank's resolution, so they must have the shots' size.
-* Update Memory: Memento's update (SPEC 4.6): 8 evenly spaced frames of the finished shot are
-  re-encoded one by one and appended, story time advances by the shot's frame count. Give it the
-  shot's decoded IMAGE frames (VAE Decode of the shot's LATENT) or the LATENT itself (decoded here;
-  identical). Its ``memory`` input takes the MEMORY_SELECTION of the shot (Keyframe Query Retrieve),
-  whose bank is the bank AFTER selection, so evicted frames stay gone (Memento's eviction); a
-  MEMORY_BANK is accepted as it is. The storymem policy keeps its sink + most recent frames; its CLIP
-  keyframe extraction is not part of this node (the 8 evenly spaced frames are used).
+* Update Memory: the bank's memory policy adds the finished shot (``update: policy``): Memento's 8
+  evenly spaced frames (SPEC 4.6), or StoryMem's CLIP keyframes (SPEC 5: the frames a continuation
+  repeats are dropped first, keyframes picked with the CLIP_VISION input, sink + most recent kept);
+  ``update`` can also force either rule. Each frame is re-encoded alone; story time advances by the
+  frames kept. Give it the shot's decoded IMAGE frames (VAE Decode of the shot's LATENT) or the LATENT
+  itself (decoded here; identical), and the shot's ``cut`` / ``continue_with`` as given to Generate
+  Shot. Its ``memory`` input takes the MEMORY_SELECTION of the shot (Keyframe Query Retrieve), whose
+  bank is the bank AFTER selection, so evicted frames stay gone (Memento's eviction); a MEMORY_BANK is
+  accepted as it is. The ``frames`` output is the shot as the policy keeps it (for Create Video).
 * Save / Load Memory Bank: one safetensors file with versioned JSON metadata, written atomically
   (``memento_core.memory.save_bank``); never pickle. Save writes ``<output>/<prefix>_00001.safetensors``.
 """
@@ -25,15 +27,26 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ..memento_core.m2v import encode_frames, remember_shot
-from ..memento_core.memory import MemoryBank, bank_to_dict, load_bank, save_bank
+from ..memento_core.adapters import encode_frames
+from ..memento_core.m2v import remember_shot
+from ..memento_core.memory import MemoryBank, MemoryTools, bank_to_dict, get_policy, load_bank, save_bank
 from ..memento_core.preview import SheetTile, contact_sheet, selection_rows
-from .comfy_adapters import ComfyVideoVAE, approx_decode, image_to_video
+from ..memento_core.runner import RUNNER_POLICIES
+from .comfy_adapters import ComfyImageEmbedder, ComfyVideoVAE, approx_decode, image_to_video, video_to_image
 from .errors import node_errors
 from .types import MemoryBankSocket, MemorySelection, MemorySelectionSocket, require_bank
 
 CATEGORY = "Memento"
-POLICIES = ("memento", "storymem")
+#: The policies a node graph can run (their selection needs only the KeyframeQuerys).
+POLICIES = RUNNER_POLICIES
+#: Update Memory's ``update`` widget -> the policy whose update rule is used (None: the bank's own).
+UPDATE_RULES: dict[str, str | None] = {
+    "policy": None,
+    "evenly spaced (Memento)": "memento",
+    "CLIP keyframes (StoryMem)": "storymem",
+}
+#: How the shot continued the previous one (Generate Shot's continue_with) -> shot mode.
+CONTINUE_WITH: dict[str, str] = {"last frame (MI2V)": "mi2v", "last 5 frames (MM2V)": "mm2v"}
 
 
 def _check_image(image: Any, name: str, node: str) -> torch.Tensor:
@@ -75,10 +88,15 @@ class MementoMemoryBank(io.ComfyNode):
                     "policy",
                     options=list(POLICIES),
                     default="memento",
-                    tooltip="memento: a pool per expert selected by its KeyframeQuery; storymem: one "
-                    "pool, first 3 keyframes kept + the most recent.",
+                    tooltip="; ".join(f"{name}: {get_policy(name).summary}" for name in POLICIES),
                 ),
-                io.Int.Input("capacity", default=8, min=1, max=64, tooltip="Memory frames per shot."),
+                io.Int.Input(
+                    "capacity",
+                    default=0,
+                    min=0,
+                    max=64,
+                    tooltip="Memory frames per shot; 0 = the policy's default (memento 8, storymem 10).",
+                ),
                 io.Image.Input(
                     "reference_images",
                     optional=True,
@@ -110,7 +128,7 @@ class MementoMemoryBank(io.ComfyNode):
         node = cls.NODE
         if policy not in POLICIES:
             raise ValueError(f"{node}: policy '{policy}' is not one of {', '.join(POLICIES)}.")
-        bank = MemoryBank.empty(policy, int(capacity))  # type: ignore[arg-type]
+        bank = MemoryBank.empty(policy, int(capacity) or None)
         if reference_images is None:
             return io.NodeOutput(bank)
         images = _check_image(reference_images, "reference_images", node)
@@ -122,9 +140,9 @@ class MementoMemoryBank(io.ComfyNode):
                 f"{node}: reference_images are {w}x{h}; width and height must be multiples of 16 and equal "
                 "the shots' size (resize them first)."
             )
-        if images.shape[0] > capacity:
+        if images.shape[0] > bank.capacity:
             raise ValueError(
-                f"{node}: {images.shape[0]} reference images exceed the capacity {capacity} (references "
+                f"{node}: {images.shape[0]} reference images exceed the capacity {bank.capacity} (references "
                 "are pinned and never evicted); raise the capacity or use fewer images."
             )
         adapter = ComfyVideoVAE(vae, node)
@@ -137,19 +155,21 @@ class MementoMemoryBank(io.ComfyNode):
 
 
 class MementoUpdateMemory(io.ComfyNode):
-    """Add a finished shot to the memory: 8 evenly spaced frames, each re-encoded alone."""
+    """Add a finished shot to the memory with the bank's policy (Memento: 8 evenly spaced frames;
+    StoryMem: CLIP keyframes), each re-encoded alone."""
 
     NODE = "Update Memory"
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        """Memory (selection or bank), VAE, prompt; the shot as IMAGE frames or LATENT."""
+        """Memory (selection or bank), VAE, prompt; the shot as IMAGE frames or LATENT; update rule."""
         return io.Schema(
             node_id="MementoUpdateMemory",
             display_name="Update Memory",
             category=CATEGORY,
-            description="Adds a finished shot to the memory bank (Memento: 8 evenly spaced frames, each "
-            "VAE-encoded alone). Connect the shot's selection so evicted frames stay evicted.",
+            description="Adds a finished shot to the memory bank, as the bank's policy does it (Memento: 8 "
+            "evenly spaced frames; StoryMem: CLIP keyframes, needs clip_vision), each VAE-encoded alone. "
+            "Connect the shot's selection so evicted frames stay evicted.",
             inputs=[
                 io.MultiType.Input(
                     "memory",
@@ -169,8 +189,44 @@ class MementoUpdateMemory(io.ComfyNode):
                     max=100000,
                     tooltip="1-based story shot number used in frame ids; 0 = the next one.",
                 ),
+                io.Combo.Input(
+                    "update",
+                    options=list(UPDATE_RULES),
+                    default="policy",
+                    optional=True,
+                    tooltip="Which frames join the memory: the bank policy's rule, Memento's 8 evenly "
+                    "spaced frames, or StoryMem's CLIP keyframes (needs clip_vision).",
+                ),
+                io.ClipVision.Input(
+                    "clip_vision",
+                    optional=True,
+                    tooltip="Load CLIP Vision: image embeddings for StoryMem's keyframes (StoryMem used "
+                    "CLIP ViT-B/32; ComfyUI loads ViT-L/14 and larger).",
+                ),
+                io.Boolean.Input(
+                    "cut",
+                    default=True,
+                    optional=True,
+                    tooltip="The shot was a hard cut (as given to Generate Shot). Off: it continued the "
+                    "previous shot, whose repeated first frames StoryMem drops.",
+                ),
+                io.Combo.Input(
+                    "continue_with",
+                    options=list(CONTINUE_WITH),
+                    default="last frame (MI2V)",
+                    optional=True,
+                    tooltip="How the shot continued (as given to Generate Shot), when 'cut' is off.",
+                ),
             ],
-            outputs=[MemoryBankSocket.Output("memory_bank", display_name="memory_bank")],
+            outputs=[
+                MemoryBankSocket.Output("memory_bank", display_name="memory_bank"),
+                io.Image.Output(
+                    "frames",
+                    display_name="frames",
+                    tooltip="The shot as the policy keeps it (StoryMem drops the frames a continuation "
+                    "repeats): save these as the shot.",
+                ),
+            ],
         )
 
     @classmethod
@@ -182,11 +238,24 @@ class MementoUpdateMemory(io.ComfyNode):
         images: torch.Tensor | None = None,
         latent: dict[str, Any] | None = None,
         shot_index: int = 0,
+        update: str = "policy",
+        clip_vision: Any = None,
+        cut: bool = True,
+        continue_with: str = "last frame (MI2V)",
     ) -> io.NodeOutput:
         """New bank = memory's bank + this shot's frames; the input bank is unchanged."""
         node = cls.NODE
         bank = require_bank(memory, "memory", node)
         adapter = ComfyVideoVAE(vae, node)
+        if update not in UPDATE_RULES:
+            raise ValueError(f"{node}: update '{update}' is not one of {', '.join(UPDATE_RULES)}.")
+        if continue_with not in CONTINUE_WITH:
+            raise ValueError(
+                f"{node}: continue_with '{continue_with}' is not one of {', '.join(CONTINUE_WITH)}."
+            )
+        rule = UPDATE_RULES[update]
+        with node_errors(node):
+            policy = bank.policy_object() if rule is None else get_policy(rule, capacity=bank.capacity)
         if images is not None:
             video = image_to_video(_check_image(images, "images", node))
         elif latent is not None:
@@ -199,14 +268,32 @@ class MementoUpdateMemory(io.ComfyNode):
             video = adapter.decode_raw(samples)
         else:
             raise ValueError(f"{node}: connect the shot's frames ('images') or its 'latent'.")
-        if video.shape[1] < 8:
+        if video.shape[1] < 9:
             raise ValueError(
                 f"{node}: the shot has {video.shape[1]} frames; Memento remembers 8 evenly spaced frames, so "
-                "it needs at least 8 (normally 81)."
+                "it needs at least 9 (normally 81)."
             )
+        embedder = None
+        if policy.needs_embedder:
+            if clip_vision is None:
+                raise ValueError(
+                    f"{node}: the {policy.name} update picks keyframes with CLIP image embeddings: connect "
+                    "Load CLIP Vision to 'clip_vision'."
+                )
+            embedder = ComfyImageEmbedder(clip_vision, node)
+        mode = "cut" if cut else CONTINUE_WITH[continue_with]
         with node_errors(node):
-            new_bank = remember_shot(bank, adapter, video, prompt, shot_index or None)
-        return io.NodeOutput(new_bank)
+            remembered = remember_shot(
+                bank,
+                adapter,
+                video,
+                prompt,
+                shot_index or None,
+                mode=mode,
+                policy=policy,
+                tools=MemoryTools(adapter, embedder),
+            )
+        return io.NodeOutput(remembered.bank, video_to_image(remembered.video))
 
 
 class MementoSaveMemoryBank(io.ComfyNode):
@@ -364,11 +451,13 @@ class MementoMemoryPreview(io.ComfyNode):
 
 
 def selection_sheet_rows(sel: MemorySelection, decode: Any) -> list[tuple[str, list[SheetTile]]]:
-    """Rows of a shot's selection: per pool, the frames the shot uses with their memento positions."""
+    """Rows of a shot's selection: per pool, the frames the shot uses with their positions (the policy's
+    position scheme)."""
     bank = sel.bank
     pools = ("high",) if bank.shared else ("high", "low")
     used = {p: bank.frame_ids(p) for p in pools}
-    positions = {p: bank.frame_positions(p, "memento", 0, False).tolist() for p in pools}
+    scheme = bank.policy_object().sampler.scheme
+    positions = {p: bank.frame_positions(p, scheme, 0, False).tolist() for p in pools}
     return selection_rows(bank, used, sel.selection, decode, positions)
 
 

@@ -1,11 +1,13 @@
 """The two halves of a Memento shot as nodes: Keyframe Query Retrieve (choose the memory) and Memento
 Generate Shot (sample the shot), so artists can inspect and swap memory between them.
 
-Keyframe Query Retrieve: each expert's KeyframeQuery picks 6 local + 2 global frames of its pool
-given THIS shot's prompt and global caption (umT5-encoded with the connected CLIP, then the expert's
-own text embedding), when the pool holds more than its capacity; otherwise the pool is kept as it is
-(shot 2 keeps shot 1's 8 frames). Outputs the MEMORY_SELECTION (for Generate Shot and Update Memory),
-the selected bank, and a contact sheet of the chosen frames (local / global / reference marked).
+Keyframe Query Retrieve: the bank's memory policy chooses the shot's memory. Memento: each expert's
+KeyframeQuery picks 6 local + 2 global frames of its pool given THIS shot's prompt and global caption
+(umT5-encoded with the connected CLIP, then the expert's own text embedding), when the pool holds more
+than its capacity; otherwise the pool is kept as it is (shot 2 keeps shot 1's 8 frames). StoryMem: the
+whole bank as it stands (sink + most recent). Outputs the MEMORY_SELECTION (for Generate Shot and
+Update Memory), the selected bank, and a contact sheet of the chosen frames (local / global /
+reference marked).
 An empty global caption means the SPEC 4.7 rule (the text between "global caption:" and "shot
 caption:", else the whole prompt), as memento_core's ``render_shot`` does.
 
@@ -16,7 +18,10 @@ encoded with the CLIP input. The memory frames' latents are used as stored (neve
 previous shot's whole decoded video can be wired in) and ``cut`` is false, else "cut" (M2V); with
 ``continue_with`` "last 5 frames (MM2V)" its last 5 images are the motion frames ("mm2v"). ``cut``
 takes Load Story Script's cut flag, so one graph follows the script; on a cut, ``cut_cfg_boost`` is
-added to both CFGs (Memento's runner: 3.5 + 1.5 = 5.0 on a hard cut). Output LATENT: the target latents
+added to both CFGs (Memento's runner: 3.5 + 1.5 = 5.0 on a hard cut; StoryMem adds nothing).
+``position_scheme`` "policy" (default) takes the bank policy's positions (Memento: time-aware negative
+RoPE + identity slot; StoryMem: sequential); whether the memory slots are re-noised every step is the
+policy's (Memento yes, StoryMem no). Output LATENT: the target latents
 in ComfyUI's raw convention (like KSampler; connect VAE Decode), and the identity slot decoded (a
 gray frame without identity slot). The seed is ``ShotSettings.seed`` (noise from a CPU generator: the
 same on every device); Memento's story runner uses ``seed + shot index within the scene``.
@@ -56,6 +61,8 @@ from .types import (
 CATEGORY = "Memento"
 
 MI2V_CHOICE = "last frame (MI2V)"
+#: position_scheme value meaning "the memory policy's own scheme".
+POLICY_SCHEME = "policy"
 #: Generate Shot's continue_with widget -> memento_core shot mode.
 CONTINUE_WITH: dict[str, str] = {MI2V_CHOICE: "mi2v", "last 5 frames (MM2V)": "mm2v"}
 
@@ -80,8 +87,9 @@ class MementoKeyframeRetrieve(io.ComfyNode):
             node_id="MementoKeyframeRetrieve",
             display_name="Keyframe Query Retrieve",
             category=CATEGORY,
-            description="Selects the memory frames of the next shot (6 local + 2 global per expert when a "
-            "pool is over capacity) and previews them.",
+            description="Selects the memory frames of the next shot with the bank's policy (Memento: 6 "
+            "local + 2 global per expert when a pool is over capacity; StoryMem: the whole bank) and "
+            "previews them.",
             inputs=[
                 MementoBackboneSocket.Input("backbone"),
                 io.MultiType.Input("memory_bank", types=[MemoryBankSocket, MemorySelectionSocket]),
@@ -183,10 +191,11 @@ class MementoGenerateShot(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Combo.Input(
                     "position_scheme",
-                    options=list(SCHEMES),
-                    default="memento",
-                    tooltip="memento: time-aware negative RoPE + identity slot; storymem: fixed spacing; "
-                    "sequential: legacy.",
+                    options=[POLICY_SCHEME, *SCHEMES],
+                    default=POLICY_SCHEME,
+                    tooltip="policy: the memory policy's (memento: time-aware negative RoPE + identity "
+                    "slot; storymem: sequential, as StoryMem's released model); memento; storymem: the "
+                    "paper's fixed negative spacing; sequential: memory 0..M-1, target after it.",
                 ),
                 io.Combo.Input("solver", options=list(SOLVERS), default="unipc"),
                 io.Boolean.Input(
@@ -259,6 +268,9 @@ class MementoGenerateShot(io.ComfyNode):
         sel = require_selection(selection, node)
         width, height, frames = int(width), int(height), int(frames)
         _check_settings(node, width, height, frames, position_scheme, solver)
+        with node_errors(node):
+            sampler = sel.bank.policy_object().sampler
+        scheme = sampler.scheme if position_scheme == POLICY_SCHEME else position_scheme
         res = sel.bank.resolution
         if res is not None and res != (height // 8, width // 8):
             raise ValueError(
@@ -302,7 +314,7 @@ class MementoGenerateShot(io.ComfyNode):
             frames=frames,
             mode=continue_mode if continuation is not None else "cut",
             reconstruct=caption,
-            scheme=position_scheme,
+            scheme=scheme,
             settings=ShotSettings(
                 steps=int(steps),
                 shift=float(shift),
@@ -311,8 +323,9 @@ class MementoGenerateShot(io.ComfyNode):
                 guidance_low=float(cfg_low) + boost,
                 solver=solver,
                 seed=int(seed),
-                # Memento re-noises the memory slots every step; StoryMem leaves them as noise (SPEC 5).
-                renoise_memory=position_scheme == "memento",
+                # The policy decides: Memento re-noises the memory slots every step; StoryMem leaves
+                # them as noise (SPEC 5).
+                renoise_memory=sampler.renoise_memory,
             ),
         )
         pos = conditioning_tensor(positive, "positive", node)
@@ -358,8 +371,10 @@ def _check_settings(node: str, width: int, height: int, frames: int, scheme: str
         raise ValueError(f"{node}: width and height must be positive multiples of 16, got {width}x{height}.")
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"{node}: frames must be of the form 4n+1 (e.g. 81, 49, 17), got {frames}.")
-    if scheme not in SCHEMES:
-        raise ValueError(f"{node}: position_scheme '{scheme}' is not one of {', '.join(SCHEMES)}.")
+    if scheme not in (POLICY_SCHEME, *SCHEMES):
+        raise ValueError(
+            f"{node}: position_scheme '{scheme}' is not one of {', '.join((POLICY_SCHEME, *SCHEMES))}."
+        )
     if solver not in SOLVERS:
         raise ValueError(f"{node}: solver '{solver}' is not one of {', '.join(SOLVERS)}.")
 

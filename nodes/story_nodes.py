@@ -28,20 +28,20 @@ from ..memento_core.dit import WanDiT
 from ..memento_core.errors import MementoError
 from ..memento_core.fp8 import is_fp8
 from ..memento_core.m2v import WAN_NEGATIVE_PROMPT
-from ..memento_core.memory import load_bank
+from ..memento_core.memory import get_policy, load_bank
+from ..memento_core.models import ModelSet, load_t2v_experts
 from ..memento_core.runner import (
     CONTINUATIONS,
-    ModelSet,
+    RUNNER_POLICIES,
     Progress,
     RunFolderError,
     RunSettings,
-    load_t2v_experts,
     render_story,
 )
 from ..memento_core.sampling import SOLVERS, StepInfo
 from ..memento_core.story import Story, StoryShot, load_story, parse_story
 from .backbone_nodes import compute_device, experts_on_device, find_model_file, require_backbone
-from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE
+from .comfy_adapters import ComfyImageEmbedder, ComfyTextEncoder, ComfyVideoVAE
 from .errors import node_errors
 from .shot_nodes import check_text_width
 from .types import LoadedBackbone, MementoBackboneSocket, MemoryBankSocket
@@ -162,6 +162,10 @@ FIRST_SHOT_CHOICES: dict[str, str] = {
 }
 IF_EXISTS_CHOICES = ("resume", "overwrite", "stop")
 T2V_NONE = "None"
+#: Render Story's policy widget: the backbone's family, or a policy by name.
+FAMILY_POLICY = "backbone family"
+#: Render Story's sampler_settings widget -> whether shift / boundary / cfg / cut_cfg are used.
+SETTINGS_CHOICES = {"policy defaults": False, "widgets": True}
 
 
 def run_folder(folder: str) -> Path:
@@ -329,6 +333,29 @@ class MementoRenderStory(io.ComfyNode):
                 io.Image.Input(
                     "reference_images", optional=True, tooltip="For first_shot 'reference images'."
                 ),
+                io.Combo.Input(
+                    "policy",
+                    options=[FAMILY_POLICY, *RUNNER_POLICIES],
+                    default=FAMILY_POLICY,
+                    optional=True,
+                    tooltip="Memory policy: the backbone's family (Memento files: memento; StoryMem files: "
+                    "storymem), or "
+                    + "; ".join(f"{name}: {get_policy(name).summary}" for name in RUNNER_POLICIES),
+                ),
+                io.Combo.Input(
+                    "sampler_settings",
+                    options=list(SETTINGS_CHOICES),
+                    default="policy defaults",
+                    optional=True,
+                    tooltip="policy defaults: the policy's shift, boundary and CFG (Memento 5.0 / 0.9 / "
+                    "3.5, 5.0 on cuts; StoryMem 4.0 / 0.9 / 3.5); widgets: shift, boundary, cfg and cut_cfg "
+                    "above.",
+                ),
+                io.ClipVision.Input(
+                    "clip_vision",
+                    optional=True,
+                    tooltip="Load CLIP Vision: image embeddings for the storymem policy's keyframes.",
+                ),
             ],
             outputs=[
                 io.Video.Output("story", display_name="story"),
@@ -370,6 +397,9 @@ class MementoRenderStory(io.ComfyNode):
         t2v_high: str = T2V_NONE,
         t2v_low: str = T2V_NONE,
         reference_images: torch.Tensor | None = None,
+        policy: str = FAMILY_POLICY,
+        sampler_settings: str = "policy defaults",
+        clip_vision: Any = None,
     ) -> io.NodeOutput:
         """Check inputs, build the runner's models from ComfyUI's, render (resumable)."""
         node = RENDER_NODE
@@ -383,6 +413,15 @@ class MementoRenderStory(io.ComfyNode):
                 f"{node}: first_shot '{first_shot}' is not one of {', '.join(FIRST_SHOT_CHOICES)}."
             )
         mode = FIRST_SHOT_CHOICES[first_shot]
+        if policy not in (FAMILY_POLICY, *RUNNER_POLICIES):
+            raise ValueError(
+                f"{node}: policy '{policy}' is not one of {', '.join((FAMILY_POLICY, *RUNNER_POLICIES))}."
+            )
+        if sampler_settings not in SETTINGS_CHOICES:
+            raise ValueError(
+                f"{node}: sampler_settings '{sampler_settings}' is not one of {', '.join(SETTINGS_CHOICES)}."
+            )
+        widgets = SETTINGS_CHOICES[sampler_settings]
         load_t2v = _t2v_loader(loaded, t2v_high, t2v_low)
         if mode == "t2v" and load_t2v is None:
             raise ValueError(
@@ -401,10 +440,11 @@ class MementoRenderStory(io.ComfyNode):
             frames=int(frames),
             steps=int(steps),
             seed=int(seed),
-            shift=float(shift),
-            boundary=float(boundary),
-            guidance=float(cfg),
-            cut_guidance=float(cut_cfg),
+            policy=None if policy == FAMILY_POLICY else policy,
+            shift=float(shift) if widgets else None,
+            boundary=float(boundary) if widgets else None,
+            guidance=float(cfg) if widgets else None,
+            cut_guidance=float(cut_cfg) if widgets else None,
             solver=solver,
             first_shot=mode,
             continuation=continuation,
@@ -421,6 +461,9 @@ class MementoRenderStory(io.ComfyNode):
                 "t2v": [t2v_high, t2v_low] if load_t2v else None,
                 "text_encoder": type(getattr(clip, "cond_stage_model", clip)).__name__,
                 "vae": type(getattr(vae, "first_stage_model", vae)).__name__,
+                "clip_vision": None
+                if clip_vision is None
+                else type(getattr(clip_vision, "model", clip_vision)).__name__,
             },
             vae=ComfyVideoVAE(vae, node),
             text_encoder=text_encoder,
@@ -429,6 +472,8 @@ class MementoRenderStory(io.ComfyNode):
             device=str(compute_device()),
             swap_experts=True,  # the T2V experts; the backbone is placed by `placement`
             placement=lambda _backbone: experts_on_device(loaded),
+            family=loaded.backbone.family,
+            load_embedder=None if clip_vision is None else (lambda: ComfyImageEmbedder(clip_vision, node)),
         )
         shots = min(len(story.shots), settings.max_shots or len(story.shots))
         progress = ComfyStoryProgress(shots, settings.steps)

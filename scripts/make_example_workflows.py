@@ -41,6 +41,13 @@ HIGH_MODEL = "wan2.2_i2v_high_noise_14B_fp16.safetensors"
 LOW_MODEL = "wan2.2_i2v_low_noise_14B_fp16.safetensors"
 MEMENTO_HIGH = "backbone_high_noise.safetensors"
 MEMENTO_LOW = "backbone_low_noise.safetensors"
+#: StoryMem's MI2V LoRA (its released .pth files converted once with python -m memento_core.convert).
+STORYMEM_HIGH = "Wan2.2-MI2V-A14B/backbone_high_noise.safetensors"
+STORYMEM_LOW = "Wan2.2-MI2V-A14B/backbone_low_noise.safetensors"
+#: The CLIP vision file Wan users already have (StoryMem's keyframes compare CLIP image embeddings).
+CLIP_VISION = "clip_vision_h.safetensors"
+#: StoryMem's released sampler settings (wan_m2v_A14B.py): shift 4, boundary 0.9, CFG 3.5 on every shot.
+STORYMEM_SHIFT, STORYMEM_CFG = 4.0, 3.5
 TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "wan_2.1_vae.safetensors"
 
@@ -172,14 +179,19 @@ LOADERS_NOTE = (
 )
 
 
-def loaders(a: Author, color: str = GROUP_COLORS[4]) -> Loaders:
-    a.start("Models", LOADERS_NOTE, color)
+def loaders(
+    a: Author,
+    color: str = GROUP_COLORS[4],
+    memory_files: tuple[str, str] = (MEMENTO_HIGH, MEMENTO_LOW),
+    note: str = "",
+) -> Loaders:
+    a.start("Models", note or LOADERS_NOTE, color)
     backbone = a.node(
         "MementoLoadBackbone",
         high_noise_model=HIGH_MODEL,
         low_noise_model=LOW_MODEL,
-        memento_high=MEMENTO_HIGH,
-        memento_low=MEMENTO_LOW,
+        memento_high=memory_files[0],
+        memento_low=memory_files[1],
         weight_dtype="bf16",
         memento_strength=1.0,
         offload="swap experts",
@@ -214,8 +226,12 @@ def shot(
     first_frame: Output | NodeRef | None = None,
     cut: Any = False,
     seed: int = SEED,
-    scheme: str = "memento",
+    scheme: str = "policy",
     preview_selection: bool = True,
+    shift: float = SHIFT,
+    cfg: float = CFG,
+    cut_cfg: float = CUT_CFG,
+    clip_vision: Output | NodeRef | None = None,
 ) -> Shot:
     """Retrieve -> Generate Shot -> VAE Decode -> Update Memory, plus the shot's video (CreateVideo +
     SaveVideo). ``prompt``, ``global_caption``, ``reconstruct``: a value or a STRING output; ``cut``: a
@@ -248,28 +264,20 @@ def shot(
         height=HEIGHT,
         frames=FRAMES,
         steps=STEPS,
-        shift=SHIFT,
-        cfg_high=CFG,
-        cfg_low=CFG,
+        shift=shift,
+        cfg_high=cfg,
+        cfg_low=cfg,
         boundary=BOUNDARY,
         seed=seed,
         position_scheme=scheme,
         solver="unipc",
         cut=cut,
-        cut_cfg_boost=CUT_CFG - CFG,
+        cut_cfg_boost=cut_cfg - cfg,
         controls={"seed": "fixed"},
         **extra,
     )
     decode = a.node("VAEDecode", title=f"Shot {n} decode", samples=generate["latent"], vae=m.vae)
-    video = a.node("CreateVideo", title=f"Shot {n} video", images=decode, fps=FPS)
-    a.node(
-        "SaveVideo",
-        title=f"Shot {n} save",
-        video=video,
-        filename_prefix=f"memento/shot_{n:02d}",
-        format="mp4",
-        codec="h264",
-    )
+    extra_update = {"clip_vision": clip_vision} if clip_vision is not None else {}
     update = a.node(
         "MementoUpdateMemory",
         title=f"Shot {n} Update Memory",
@@ -278,6 +286,19 @@ def shot(
         prompt=prompt,
         images=decode,
         shot_index=n,
+        update="policy",
+        cut=cut if first_frame is not None else True,
+        continue_with="last frame (MI2V)",
+        **extra_update,
+    )
+    video = a.node("CreateVideo", title=f"Shot {n} video", images=update["frames"], fps=FPS)
+    a.node(
+        "SaveVideo",
+        title=f"Shot {n} save",
+        video=video,
+        filename_prefix=f"memento/shot_{n:02d}",
+        format="mp4",
+        codec="h264",
     )
     return Shot(retrieve, generate, decode, update)
 
@@ -450,27 +471,42 @@ STORYMEM_PROMPTS = (
 )
 
 
+STORYMEM_LOADERS_NOTE = (
+    "StoryMem's own model: the Wan2.2 I2V A14B experts with StoryMem's MI2V LoRA (models/memento/"
+    "Wan2.2-MI2V-A14B/backbone_high_noise.safetensors and backbone_low_noise.safetensors; the release "
+    "ships .pth files: convert each once with python -m memento_core.convert IN.pth OUT.safetensors). "
+    "It has no KeyframeQuery; the info output says 'StoryMem (LoRA only)'. Load CLIP Vision gives the "
+    "image embeddings StoryMem picks keyframes with (StoryMem used CLIP ViT-B/32; ComfyUI loads ViT-H/14 "
+    "as clip_vision_h.safetensors, which Wan users have)."
+)
+
+
 def storymem_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     a = Author(object_info)
-    m = loaders(a)
+    m = loaders(a, memory_files=(STORYMEM_HIGH, STORYMEM_LOW), note=STORYMEM_LOADERS_NOTE)
+    clip_vision = a.node("CLIPVisionLoader", title="Load CLIP Vision", clip_name=CLIP_VISION)
     a.start(
         "StoryMem memory",
-        "StoryMem-style memory: one pool shared by both experts that keeps its first 3 keyframes (the "
-        "sink) and the most recent ones up to the capacity; frames are placed with StoryMem's fixed "
-        "spacing (position_scheme storymem, no identity slot).",
+        "StoryMem's memory as its released code runs it: one pool for both experts; after each shot its "
+        "CLIP keyframes (at most 3, duplicates of stored keyframes dropped) join the memory, which keeps "
+        "the first 3 ever stored (the sink) and the most recent, 10 in all (capacity 0 = the policy's "
+        "default). position_scheme 'policy': sequential positions, as StoryMem's model; the memory slots "
+        "stay noise (no re-noising) and there is no identity slot. Sampler: shift 4.0, boundary 0.9, "
+        "CFG 3.5 on every shot, cuts included.",
         GROUP_COLORS[4],
     )
     memory: Output | NodeRef = a.node(
-        "MementoMemoryBank", title="StoryMem memory", policy="storymem", capacity=8
+        "MementoMemoryBank", title="StoryMem memory", policy="storymem", capacity=0
     )
     previous: Shot | None = None
     notes = {
-        1: "Shot 1 starts from the empty memory (a hard cut, CFG 3.5 + cut_cfg_boost 1.5 = 5.0).",
-        2: "Shot 2 is a hard CUT: 'cut' is on, so Generate Shot ignores first_frame and adds cut_cfg_boost "
-        "(CFG 5.0). Only the memory (shot 1's keyframes) carries the look of the story across the cut. "
-        "Turn 'cut' off to continue from shot 1's last frame instead.",
-        3: "Shot 3 CONTINUES shot 2 (MI2V, 'cut' off): shot 2's decoded video goes into first_frame (its "
-        "last frame is used), CFG 3.5.",
+        1: "Shot 1 starts from the empty memory (a hard cut, CFG 3.5).",
+        2: "Shot 2 is a hard CUT: 'cut' is on, so Generate Shot ignores first_frame (CFG 3.5: StoryMem adds "
+        "nothing on cuts). Only the memory (shot 1's keyframes) carries the look of the story across the "
+        "cut. Turn 'cut' off to continue from shot 1's last frame instead.",
+        3: "Shot 3 CONTINUES shot 2 (MI2V, 'cut' off): shot 2's frames go into first_frame (its last frame "
+        "is used), CFG 3.5. Update Memory drops the first frame (it repeats shot 2's last) from the saved "
+        "shot and from the keyframes, as StoryMem does.",
     }
     for n in (1, 2, 3):
         a.start(f"Shot {n}", notes[n] + f"\nSeed {SEED + n - 1}.", _shot_colors(n))
@@ -481,10 +517,13 @@ def storymem_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
             n,
             memory,
             prompt,
-            first_frame=previous.decode if previous else None,
+            first_frame=previous.update["frames"] if previous else None,
             cut=n != 3,
             seed=SEED + n - 1,
-            scheme="storymem",
+            shift=STORYMEM_SHIFT,
+            cfg=STORYMEM_CFG,
+            cut_cfg=STORYMEM_CFG,
+            clip_vision=clip_vision,
         )
         memory, previous = s.update, s
     finish(a, m, memory, "memento/storymem_memory", FINISH_NOTE.format(prefix="memento/storymem_memory"))

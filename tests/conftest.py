@@ -41,11 +41,13 @@ def comfy_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyHost]:
 
 @pytest.fixture(scope="module")
 def tiny(comfy_host: ComfyHost) -> Iterator[dict[str, Path]]:
-    """Tiny experts, Memento files, VAE and umT5 installed in the host's model folders, and ComfyUI's
-    wan text encoder patched to accept the tiny umT5 for the module (``tests/tiny_comfy_models.py``)."""
-    from tiny_comfy_models import install_tiny_models, patch_tiny_umt5
+    """Tiny experts, Memento files, VAE, umT5 and CLIP vision installed in the host's model folders, and
+    ComfyUI's wan text encoder and CLIP vision loader patched to accept the tiny files for the module
+    (``tests/tiny_comfy_models.py``)."""
+    from tiny_comfy_models import install_tiny_models, patch_tiny_clip_vision, patch_tiny_umt5
 
     paths = install_tiny_models(comfy_host)
-    undo = patch_tiny_umt5()
+    undo, undo_cv = patch_tiny_umt5(), patch_tiny_clip_vision()
     yield paths
+    undo_cv()
     undo()

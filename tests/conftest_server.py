@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 #: Preload hooks for the session server (see ``comfy_server.start_comfy_server``): the test-only patch
 #: that lets ComfyUI's Wan text encoder (CLIPLoader type wan) load the tiny umT5 (tests/test_server_nodes.py).
-SERVER_PRELOAD: tuple[str, ...] = ("tests/tiny_comfy_models.py::patch_tiny_umt5",)
+SERVER_PRELOAD: tuple[str, ...] = (
+    "tests/tiny_comfy_models.py::patch_tiny_umt5",
+    "tests/tiny_comfy_models.py::patch_tiny_clip_vision",
+)
 
 
 @pytest.fixture(scope="session")

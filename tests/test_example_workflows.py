@@ -69,6 +69,8 @@ def tiny_api(api: dict[str, dict[str, Any]], tag: str, steps: int = STEPS) -> di
             inputs["clip_name"] = TINY_FILES["text_encoder"]
         elif kind == "VAELoader":
             inputs["vae_name"] = TINY_FILES["vae"]
+        elif kind == "CLIPVisionLoader":
+            inputs["clip_name"] = TINY_FILES["clip_vision"]
         elif kind in ("MementoGenerateShot", "MementoRenderStory"):
             inputs |= {"width": W, "height": H, "frames": FRAMES, "steps": steps}
         elif kind == "ImageScale":
@@ -185,20 +187,28 @@ def test_workflow_is_valid_and_has_the_real_settings(object_info, name: str) -> 
     if name == "memento_render_story":
         return check_render_story_workflow(workflow, api)
     assert len(shots) == (2 if name == "memento_reference_images" else 3)
+    storymem = name == "storymem_continuation"
+    # Memento: shift 5, CFG 3.5 and 5.0 on a hard cut; StoryMem (wan_m2v_A14B.py): shift 4, CFG 3.5 always.
+    shift, boost, folder = (4.0, 0.0, "Wan2.2-MI2V-A14B/") if storymem else (5.0, 1.5, "")
     for s in shots:
         assert (s["width"], s["height"], s["frames"], s["steps"]) == (832, 480, 81, 40)
-        assert (s["shift"], s["boundary"], s["cfg_high"] == s["cfg_low"]) == (5.0, 0.9, True)
-        assert (s["cfg_high"], s["cut_cfg_boost"]) == (3.5, 1.5)  # 3.5, and 5.0 on a hard cut
+        assert (s["shift"], s["boundary"], s["cfg_high"] == s["cfg_low"]) == (shift, 0.9, True)
+        assert (s["cfg_high"], s["cut_cfg_boost"]) == (3.5, boost)
+        assert s["position_scheme"] == "policy"
     (bb,) = (v["inputs"] for v in api.values() if v["class_type"] == "MementoLoadBackbone")
     assert (bb["high_noise_model"], bb["low_noise_model"]) == (
         "wan2.2_i2v_high_noise_14B_fp16.safetensors",
         "wan2.2_i2v_low_noise_14B_fp16.safetensors",
     )
     assert (bb["memento_high"], bb["memento_low"], bb["weight_dtype"]) == (
-        "backbone_high_noise.safetensors",
-        "backbone_low_noise.safetensors",
+        f"{folder}backbone_high_noise.safetensors",
+        f"{folder}backbone_low_noise.safetensors",
         "bf16",
     )
+    if storymem:
+        updates = [v["inputs"] for v in api.values() if v["class_type"] == "MementoUpdateMemory"]
+        assert all(u["update"] == "policy" and "clip_vision" in u for u in updates)
+        assert "CLIPVisionLoader" in kinds
     (clip,) = (v["inputs"] for v in api.values() if v["class_type"] == "CLIPLoader")
     assert clip["clip_name"] == "umt5_xxl_fp8_e4m3fn_scaled.safetensors" and clip["type"] == "wan"
     (vae,) = (v["inputs"] for v in api.values() if v["class_type"] == "VAELoader")
@@ -301,20 +311,27 @@ def test_reference_images_workflow_runs(comfy_host, object_info, tiny, spy) -> N
 
 def test_storymem_continuation_runs(comfy_host, object_info, tiny, spy) -> None:
     api, result = run_example(comfy_host, object_info, "storymem_continuation", "ex_storymem")
-    assert len(saved_videos(comfy_host, result, api)) == 3
+    videos = saved_videos(comfy_host, result, api)
+    # The continuation's first frame repeats shot 2's last: StoryMem drops it from the saved shot.
+    assert [read_mp4(v).shape[0] for v in videos] == [FRAMES, FRAMES, FRAMES - 1]
     requests = [r for r, _, _ in spy.generate]
     assert [r.mode for r in requests] == ["cut", "cut", "mi2v"]  # a hard cut, then a continuation
     assert [continued for _, continued, _ in spy.generate] == [False, False, True]
-    assert [r.settings.guidance_high for r in requests] == [5.0, 5.0, 3.5]
-    assert {r.scheme for r in requests} == {"storymem"} and all(r.reconstruct is None for r in requests)
-    assert not any(r.settings.renoise_memory for r in requests)  # StoryMem: memory slots stay noise
+    # StoryMem's released settings: CFG 3.5 on every shot (no cut boost), shift 4, boundary 0.9.
+    assert [(r.settings.guidance_high, r.settings.guidance_low) for r in requests] == [(3.5, 3.5)] * 3
+    assert {(r.settings.shift, r.settings.boundary) for r in requests} == {(4.0, 0.9)}
+    # Sequential positions (the released model code), no identity slot, memory slots stay noise.
+    assert {r.scheme for r in requests} == {"sequential"} and all(r.reconstruct is None for r in requests)
+    assert not any(r.settings.renoise_memory for r in requests)
     assert all(p.method == "storymem" for s in spy.select for p in s.pools)
     bank = saved_bank(result, node_id(api, "Save Memory Bank"))
-    assert bank.policy == "storymem" and bank.shared
-    assert (bank.current_time, bank.shots_done) == (3 * FRAMES, 3)
+    assert bank.policy == "storymem" and bank.shared and bank.capacity == 10
+    assert (bank.current_time, bank.shots_done) == (3 * FRAMES - 1, 3)  # shot 3 keeps 8 frames
     ids = bank.frame_ids("high")
-    assert ids == bank.frame_ids("low") and len(ids) == 8
-    assert ids[:3] == ["s1f0", "s1f1", "s1f2"] and ids[-1] == "s3f8"  # sink + most recent
+    assert ids == bank.frame_ids("low") and 1 <= len(ids) <= 9  # at most 3 keyframes per shot
+    # Every remembered frame carries its CLIP embedding, and no two keyframes of a shot are the frame.
+    assert all(f.clip_embedding is not None for f in bank.frames())
+    assert all(f.shot in (1, 2, 3) for f in bank.frames())
 
 
 def test_render_story_workflow_runs(comfy_host, object_info, tiny) -> None:

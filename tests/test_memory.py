@@ -353,7 +353,7 @@ def test_capacity_full_of_pins_evicts_every_other_frame() -> None:
 
 def test_storymem_keeps_sink_and_recent_in_one_shared_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     patch_module(monkeypatch, "memento_core.keyframes", storymem_retain=fake_storymem_retain)
-    bank = MemoryBank.empty("storymem")
+    bank = MemoryBank.empty("storymem", capacity=8)
     for shot in range(1, 5):  # 3 keyframes per shot: 12 in all
         bank = bank.with_shot(latents(3), frame_indices=[0, 40, 80], prompt=f"p{shot}", shot_index=shot)
         assert bank.pool("high") is bank.pool("low")
@@ -366,7 +366,7 @@ def test_storymem_keeps_sink_and_recent_in_one_shared_pool(monkeypatch: pytest.M
     ]  # fmt: skip
 
     # MR2V: 2 pinned references occupy 2 sink slots: then 1 first keyframe + the 5 most recent.
-    refs = MemoryBank.empty("storymem").with_references(latents(2), ["a", "b"])
+    refs = MemoryBank.empty("storymem", capacity=8).with_references(latents(2), ["a", "b"])
     for shot in range(1, 5):
         refs = refs.with_shot(latents(3), frame_indices=[0, 40, 80], shot_index=shot)
     assert refs.frame_ids("high") == ["ref0", "ref1", "s1f0", "s3f40", "s3f80", "s4f0", "s4f40", "s4f80"]
@@ -545,7 +545,7 @@ def test_interrupted_write_leaves_old_file_and_no_temp(
         fh.write(data[: len(data) // 2])
         raise crash
 
-    monkeypatch.setattr(memory, "_write_bytes", crashing_write)
+    monkeypatch.setattr(memory.persistence, "_write_bytes", crashing_write)
     new = old.with_shot(latents(8, base=5), shot_index=2)
     with pytest.raises(type(crash)):
         save_bank(new, path)
@@ -624,7 +624,7 @@ def test_memento_selection_with_a_real_keyframe_query() -> None:
 def test_storymem_and_fov_with_the_real_helpers(tmp_path: Path) -> None:
     pytest.importorskip("memento_core.keyframes")
     fov = pytest.importorskip("memento_core.fov")
-    bank = MemoryBank.empty("storymem")
+    bank = MemoryBank.empty("storymem", capacity=8)
     for shot in range(1, 5):
         bank = bank.with_shot(latents(3), frame_indices=[0, 40, 80], shot_index=shot)
     assert bank.frame_ids("high") == ["s1f0", "s1f40", "s1f80", "s3f40", "s3f80", "s4f0", "s4f40", "s4f80"]

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tiny_comfy_models import write_tiny_memento
 
+from memento_core.cli import cli
 from memento_core.memory import load_bank
 from memento_core.real_models import (
     DiffusersWanVAE,
@@ -24,7 +25,6 @@ from memento_core.real_models import (
     clean_prompt,
     load_model_config,
 )
-from memento_core.runner import cli
 from memento_core.tiny import random_state_dict, tiny_config
 
 diffusers = pytest.importorskip("diffusers")
@@ -173,3 +173,50 @@ def test_fp8_and_expert_swap_from_the_config(model_dir, tmp_path):
     )
     log = json.loads((tmp_path / "run" / "story_log.json").read_text())
     assert log["models"]["dtype"] == "fp8" and [s["mode"] for s in log["shots"]] == ["t2v", "mi2v"]
+
+
+def test_storymem_files_pick_the_storymem_policy(model_dir, tmp_path, monkeypatch, capsys):
+    """StoryMem's files (LoRA, no KeyframeQuery) make the family, and so the default policy, storymem;
+    its keyframes need the config's CLIP file, which is read from disk (never downloaded)."""
+    from memento_core import keyframes
+    from memento_core.adapters import TinyImageEmbedder
+    from memento_core.real_models import real_models
+
+    for pool, seed in (("high", 7), ("low", 8)):
+        write_tiny_memento(
+            tmp_path / f"storymem_{pool}.safetensors", tiny_config("i2v"), seed=seed, with_kfq=False
+        )
+    clip_file = tmp_path / "ViT-B-32.safetensors"
+    save_file({"stand_in": torch.zeros(1)}, clip_file)
+    cfg = json.loads((model_dir / "models.json").read_text())
+    cfg = {
+        k: str(model_dir / v) if isinstance(v, str) and (model_dir / v).exists() else v
+        for k, v in cfg.items()
+    }
+    storymem = {**cfg, "memento_high": str(tmp_path / "storymem_high.safetensors")}
+    storymem["memento_low"] = str(tmp_path / "storymem_low.safetensors")
+    (tmp_path / "mixed.json").write_text(json.dumps({**cfg, "memento_low": storymem["memento_low"]}))
+    with pytest.raises(ModelConfigError, match="different families"):
+        real_models(load_model_config(tmp_path / "mixed.json"))
+    (tmp_path / "noclip.json").write_text(json.dumps(storymem))
+    models = real_models(load_model_config(tmp_path / "noclip.json"))
+    assert models.family == "storymem" and models.load_embedder is None
+    argv = [str(EXAMPLE), "--out", str(tmp_path / "run"), "--width", "32", "--height", "32"]
+    argv += ["--frames", "9", "--steps", "2", "--shots", "2"]
+    assert cli([*argv, "--models", str(tmp_path / "noclip.json")]) == 2
+    assert '"clip"' in capsys.readouterr().err  # names the config field to add
+
+    calls = []
+
+    def create(model_name="ViT-B-32", pretrained=None, **kw):
+        calls.append((model_name, pretrained))
+        return TinyImageEmbedder()
+
+    monkeypatch.setattr(keyframes.ClipEmbedder, "create", staticmethod(create))
+    (tmp_path / "clip.json").write_text(json.dumps({**storymem, "clip": str(clip_file)}))
+    assert cli([*argv, "--models", str(tmp_path / "clip.json")]) == 0
+    assert calls == [("ViT-B-32", str(clip_file))]
+    log = json.loads((tmp_path / "run" / "story_log.json").read_text())
+    assert log["settings"]["policy"] == "storymem" and log["models"]["clip"] == str(clip_file)
+    assert [s["mode"] for s in log["shots"]] == ["t2v", "mi2v"]
+    assert all("keyframes" in s and "bank_ids" in s for s in log["shots"])

@@ -15,11 +15,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_nodes_errors import backbone, failed
-from test_nodes_graph import FRAMES, NEGATIVE, PROMPTS, RECONSTRUCT, STEPS, H, W, rel_diff, render_expected
+from test_nodes_graph import (
+    FRAMES,
+    NEGATIVE,
+    PROMPTS,
+    RECONSTRUCT,
+    STEPS,
+    H,
+    W,
+    direct_models,
+    rel_diff,
+    render_expected,
+)
 from tiny_comfy_models import TINY_FILES, loader_nodes
 
 from memento_core.media import read_mp4
 from memento_core.memory import load_bank
+from memento_core.models import ModelSet
+from memento_core.runner import Progress, RunSettings, render_story
+from memento_core.story import parse_story
 
 STORY = {
     "story_name": "harbour",
@@ -52,6 +66,7 @@ def render_inputs(folder: str, **over) -> dict:
         "identity": True,
         "max_shots": 0,
         "negative": NEGATIVE,
+        "sampler_settings": "widgets",  # the shift / boundary / cfg widgets above, not the policy's
     } | over
 
 
@@ -234,3 +249,84 @@ def test_t2v_first_shot_and_reference_images(comfy_host, tiny):
     assert len(list(folder.glob("ref_0*_*.png"))) == 2
     log = json.loads((folder.parent / "story_log.json").read_text())
     assert log["shots"][0]["mode"] == "references"
+
+
+STORYMEM_STORY = {
+    "story_name": "harbour, StoryMem",
+    "scenes": [
+        {"scene_num": 1, "video_prompts": PROMPTS[:2], "cut": [True, False]},
+        {"scene_num": 2, "video_prompts": [PROMPTS[2], PROMPTS[0]], "cut": [True, "False"]},
+    ],
+}
+
+
+def test_storymem_render_story_equals_the_story_runner(comfy_host, tiny, tmp_path):
+    """A 4-shot StoryMem story in Render Story (policy storymem, CLIP vision) gives the latents and the
+    bank of the command line's runner (``render_story``) driven by the same ComfyUI CLIP, VAE, CLIP
+    vision and tiny weights."""
+    graph = {
+        **loader_nodes(),
+        "bb": backbone(),
+        "cv": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": TINY_FILES["clip_vision"]}},
+        "render": {
+            "class_type": "MementoRenderStory",
+            "inputs": render_inputs(
+                "rs/storymem",
+                text=json.dumps(STORYMEM_STORY),
+                policy="storymem",
+                sampler_settings="policy defaults",
+                clip_vision=["cv", 0],
+            ),
+        },
+    }
+    comfy_host.run(graph)
+    node_folder = output_dir(comfy_host) / "rs" / "storymem"
+
+    m = direct_models(comfy_host, tiny)
+    clip_vision = comfy_host.nodes.CLIPVisionLoader().load_clip(TINY_FILES["clip_vision"])[0]
+    models = ModelSet(
+        kind="direct",
+        description={},
+        vae=m.vae,
+        text_encoder=m.text,
+        load_backbone=lambda: m.backbone,
+        family=m.backbone.family,
+        load_embedder=lambda: m.adapters.ComfyImageEmbedder(clip_vision),
+    )
+    settings = RunSettings(
+        width=W, height=H, frames=FRAMES, steps=STEPS, seed=101, policy="storymem", first_shot="empty",
+        negative=NEGATIVE,
+    )  # fmt: skip
+    log = render_story(
+        parse_story(STORYMEM_STORY), models, settings, tmp_path / "cli", progress=Progress(4, enabled=False)
+    )
+    node_log = json.loads((node_folder / "story_log.json").read_text())
+    for got, want in zip(shot_latents(node_folder), shot_latents(tmp_path / "cli"), strict=True):
+        assert rel_diff(got, want) <= 1e-5
+    for key in (
+        "mode",
+        "seed",
+        "guidance",
+        "shift",
+        "boundary",
+        "positions",
+        "memory_ids",
+        "keyframes",
+        "bank_ids",
+    ):
+        assert [s[key] for s in node_log["shots"]] == [s[key] for s in log["shots"]], key
+    assert [s["mode"] for s in log["shots"]] == ["empty", "mi2v", "cut", "mi2v"]
+    assert {s["policy"] for s in node_log["shots"]} == {"storymem"}
+    assert [s["guidance"]["high"] for s in log["shots"]] == [3.5] * 4 and log["settings"]["shift"] == 4.0
+    node_bank = load_bank(node_folder / "memory_bank.safetensors")
+    cli_bank = load_bank(tmp_path / "cli" / "memory_bank.safetensors")
+    assert node_bank.policy == "storymem" and node_bank.frame_ids("high") == cli_bank.frame_ids("high")
+    assert node_bank.frame_ids("high") == log["shots"][-1]["bank_ids"]
+    frames = [read_mp4(node_folder / s["files"]["video"]).shape[0] for s in node_log["shots"]]
+    assert frames == [FRAMES, FRAMES - 1, FRAMES, FRAMES - 1]  # continuations drop the repeated frame
+
+
+def test_storymem_without_clip_vision_is_refused_by_name(comfy_host, tiny):
+    graph = render_graph("rs/storymem_no_cv", policy="storymem")
+    message = failed(comfy_host, graph)
+    assert "storymem policy picks keyframes" in message and "clip_vision" in message

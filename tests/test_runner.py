@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from memento_core.cli import cli
 from memento_core.m2v import ShotRequest, remember_shot, render_shot
 from memento_core.media import read_mp4
 from memento_core.memory import MemoryBank, load_bank
-from memento_core.runner import Progress, RunnerError, RunSettings, cli, render_story, tiny_models
+from memento_core.models import tiny_models
+from memento_core.runner import Progress, RunnerError, RunSettings, render_story
 from memento_core.shot import ShotSettings, ShotText, sample_t2v_shot
 from memento_core.story import load_story
 
@@ -83,7 +85,7 @@ def test_shots_equal_direct_calls_of_the_shot_functions(full_run):
     first = sample_t2v_shot(high, low, ShotText(enc.encode(story.shots[0].prompt), neg), (5, 4, 8), t2v)
     assert torch.equal(first.target, latents(out, "01_01"))
     video = vae.decode(first.target)
-    bank = remember_shot(MemoryBank.empty("memento"), vae, video, story.shots[0].prompt, 1)
+    bank = remember_shot(MemoryBank.empty("memento"), vae, video, story.shots[0].prompt, 1).bank
     for k, (mode, guidance) in enumerate([("mi2v", 3.5), ("cut", 5.0)], start=1):
         request = ShotRequest(
             prompt=story.shots[k].prompt, width=64, height=32, frames=17, mode=mode,
@@ -107,7 +109,7 @@ def test_mm2v_continuation_uses_the_last_five_frames(full_run, tmp_path):
     models = tiny_models()
     vae = models.vae
     video = vae.decode(latents(full, "01_01"))
-    bank = remember_shot(MemoryBank.empty("memento"), vae, video, story.shots[0].prompt, 1)
+    bank = remember_shot(MemoryBank.empty("memento"), vae, video, story.shots[0].prompt, 1).bank
     request = ShotRequest(
         prompt=story.shots[1].prompt, width=64, height=32, frames=17, mode="mm2v",
         reconstruct=story.reconstruct_target,

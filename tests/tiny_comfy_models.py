@@ -18,7 +18,9 @@ Importable on its own once ComfyUI is on ``sys.path`` (a server subprocess can c
 from __future__ import annotations
 
 import io
+import json
 import math
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,10 @@ __all__ = [
     "backbone_inputs",
     "install_tiny_models",
     "loader_nodes",
+    "patch_tiny_clip_vision",
     "patch_tiny_umt5",
     "tiny_spiece_model",
+    "write_tiny_clip_vision",
     "write_tiny_experts",
     "write_tiny_memento",
     "write_tiny_umt5",
@@ -231,6 +235,83 @@ def patch_tiny_umt5(config: dict[str, Any] | None = None) -> Callable[[], None]:
     return undo
 
 
+# ---------------------------------------------------------------------------------------- CLIP vision
+
+#: A tiny CLIP vision tower in ComfyUI's clip_vision config format (2 layers, 32 wide, 32 px input).
+TINY_CLIP_VISION_CONFIG: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "dropout": 0.0,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 32,
+    "image_size": 32,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model",
+    "num_attention_heads": 2,
+    "num_channels": 3,
+    "num_hidden_layers": 2,
+    "patch_size": 8,
+    "projection_dim": 16,
+}
+_CLIP_VISION_FLAG = "_memento_tiny_clip_vision_undo"
+
+
+def _tiny_clip_vision_json() -> str:
+    path = Path(tempfile.gettempdir()) / "memento_tiny_clip_vision.json"
+    path.write_text(json.dumps(TINY_CLIP_VISION_CONFIG))
+    return str(path)
+
+
+def write_tiny_clip_vision(path: Path, seed: int = 0) -> Path:
+    """A tiny CLIP vision safetensors file in ComfyUI's key layout (``vision_model.*``,
+    ``visual_projection.weight``), random weights (needs ComfyUI importable)."""
+    import comfy.clip_vision
+
+    model = comfy.clip_vision.ClipVisionModel(_tiny_clip_vision_json())
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, value in model.get_sd().items():
+        noise = torch.randn(value.shape, generator=gen)
+        sd[key] = 1.0 + 0.1 * noise if "norm" in key and key.endswith("weight") else noise * 0.2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def patch_tiny_clip_vision() -> Callable[[], None]:
+    """Test-only: make ``CLIPVisionLoader`` accept :func:`write_tiny_clip_vision` files -> undo function.
+
+    ComfyUI picks a CLIP vision config by layer count (ViT-L/H/G, SigLIP); a 2-layer, 32-wide tower is
+    given the tiny config instead. Real files load as before. Never used by product code.
+    """
+    import comfy.clip_vision as cv
+
+    existing = getattr(cv, _CLIP_VISION_FLAG, None)
+    if existing is not None:
+        return existing
+    original = cv.load_clipvision_from_sd
+
+    def load_clipvision_from_sd(sd: dict[str, Any], prefix: str = "", convert_keys: bool = False) -> Any:
+        first = sd.get("vision_model.encoder.layers.0.layer_norm1.weight")
+        tiny = first is not None and first.shape[0] == TINY_CLIP_VISION_CONFIG["hidden_size"]
+        if tiny and "vision_model.encoder.layers.2.layer_norm1.weight" not in sd:
+            model = cv.ClipVisionModel(_tiny_clip_vision_json())
+            model.load_sd(sd)
+            return model
+        return original(sd, prefix, convert_keys)
+
+    cv.load_clipvision_from_sd = load_clipvision_from_sd
+
+    def undo() -> None:
+        if getattr(cv, _CLIP_VISION_FLAG, None) is not undo:
+            return
+        cv.load_clipvision_from_sd = original
+        delattr(cv, _CLIP_VISION_FLAG)
+
+    setattr(cv, _CLIP_VISION_FLAG, undo)
+    return undo
+
+
 # -------------------------------------------------------------------------------------------- experts
 
 LORA_RANK = 16
@@ -314,6 +395,7 @@ TINY_FILES = {
     "t2v": "tiny_t2v.safetensors",
     "memento_high": "backbone_high_noise.safetensors",
     "memento_low": "backbone_low_noise.safetensors",
+    "clip_vision": "tiny_clip_vision.safetensors",
 }
 
 
@@ -354,7 +436,10 @@ def install_tiny_models(host: Any) -> dict[str, Path]:
     te = host.model_dir("text_encoders") / TINY_FILES["text_encoder"]
     if not te.exists():
         write_tiny_umt5(te)
-    paths = {"vae": vae, "text_encoder": te}
+    cv = host.model_dir("clip_vision") / TINY_FILES["clip_vision"]
+    if not cv.exists():
+        write_tiny_clip_vision(cv)
+    paths = {"vae": vae, "text_encoder": te, "clip_vision": cv}
     if not (host.model_dir("loras") / TINY_FILES["memento_low"]).exists():
         paths.update(write_tiny_experts(host.model_dir("diffusion_models"), host.model_dir("loras")))
     else:

@@ -1,4 +1,4 @@
-"""Story scripts (SPEC 7) and the ``python -m memento_core.story`` command line.
+"""Story scripts (SPEC 7): parsing and validation.
 
 A script is JSON::
 
@@ -8,7 +8,8 @@ A script is JSON::
 
 :func:`load_story` turns it into a :class:`Story` whose ``shots`` list every shot in story order.
 Malformed input raises :class:`StoryError`, naming the file and the field (``scenes[1].cut[2]``).
-The shot-by-shot renderer lives in :mod:`memento_core.runner`; this module's ``main`` is its CLI.
+The shot-by-shot renderer lives in :mod:`memento_core.runner`, its command line in
+:mod:`memento_core.cli` (``python -m memento_core.story``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import MementoError
-from .keyframe_query import split_global_caption
+from ..errors import MementoError
+from ..keyframe_query import split_global_caption
 
 __all__ = ["Story", "StoryError", "StoryShot", "load_story", "parse_story"]
+
+#: The only strings read as cut flags: StoryMem's prompt template writes them (with a warning).
+_CUT_STRINGS = {"True": True, "False": False}
 
 
 class StoryError(MementoError):
@@ -153,8 +157,15 @@ def parse_story(data: str | Mapping[str, Any], source: str = "<text>") -> Story:
         cuts = scene.get("cut")
         if not isinstance(cuts, list):
             raise fail(f"{where}.cut", f"a list of {len(prompts)} booleans (one per video prompt)", cuts)
+        cuts = list(cuts)
         for j, c in enumerate(cuts):
-            if not isinstance(c, bool):
+            if isinstance(c, str) and c in _CUT_STRINGS:
+                # StoryMem's prompt template writes the flags as the strings "True" / "False".
+                warnings.append(
+                    f"{where}.cut[{j}] is the string {c!r}; read as {str(_CUT_STRINGS[c]).lower()}"
+                )
+                cuts[j] = _CUT_STRINGS[c]
+            elif not isinstance(c, bool):
                 raise fail(f"{where}.cut[{j}]", "true or false", c)
         if len(cuts) > len(prompts):
             raise StoryError(
@@ -217,14 +228,3 @@ def _kind(value: Any) -> str:
     if isinstance(value, Mapping):
         return "an object"
     return type(value).__name__
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m memento_core.story`` (see :mod:`memento_core.runner`)."""
-    from .runner import cli
-
-    return cli(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

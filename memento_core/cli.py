@@ -1,0 +1,127 @@
+"""``python -m memento_core.story``: render a story script from the command line.
+
+Parses the options, builds the models (a model config for real weights, else the built-in tiny models),
+and runs :func:`memento_core.runner.render_story`. This is the top of the import graph: it imports the
+runner, the model set and the real-model adapters; nothing imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .errors import MementoError
+from .memory import policy_class
+from .models import tiny_models
+from .real_models import load_model_config, real_models
+from .runner import CONTINUATIONS, FIRST_SHOT_MODES, RUNNER_POLICIES, Progress, RunSettings, render_story
+from .story import load_story
+
+__all__ = ["cli", "main"]
+
+#: Defaults used with the tiny models (small enough for a 3-shot story in well under 2 minutes on CPU).
+TINY_DEFAULTS = {"width": 256, "height": 160, "frames": 33, "steps": 12}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m memento_core.story",
+        description="Render a story script shot by shot with memory (Memento's or StoryMem's). "
+        "Without a model config "
+        "it runs the built-in tiny models (random weights) to show the pipeline.",
+    )
+    p.add_argument("story", help="story script (.json, SPEC 7)")
+    p.add_argument("--out", "-o", help="output folder (default: output/<script name>)")
+    p.add_argument("--resume", action="store_true", help="continue after the last finished shot")
+    p.add_argument("--overwrite", action="store_true", help="start over in a folder holding a run")
+    p.add_argument(
+        "--models",
+        help="JSON model config for real weights (default: $MEMENTO_MODELS; none: tiny models). "
+        "See README 'Real models'.",
+    )
+    p.add_argument("--tiny", action="store_true", help="use the tiny models even if $MEMENTO_MODELS is set")
+    p.add_argument("--shots", type=int, help="render only the first N shots")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--frames", type=int, help="pixel frames per shot, 4n+1 (Memento: 81)")
+    p.add_argument("--steps", type=int, help="sampling steps (Memento: 40)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; a shot uses seed + its index in the scene")
+    p.add_argument(
+        "--policy",
+        choices=RUNNER_POLICIES,
+        help="memory policy (default: the backbone's family: memento for Memento files, storymem for "
+        "StoryMem files; the tiny models are Memento's). "
+        + "; ".join(f"{name}: {policy_class(name).summary}" for name in RUNNER_POLICIES),
+    )
+    p.add_argument(
+        "--memory-capacity",
+        type=int,
+        help="memory frames a shot is conditioned on (default: the policy's: memento 8, storymem 10)",
+    )
+    p.add_argument("--first-shot", choices=FIRST_SHOT_MODES, default="t2v")
+    p.add_argument("--reference", action="append", default=[], help="reference image (MR2V), repeatable")
+    p.add_argument(
+        "--continue",
+        dest="continuation",
+        choices=CONTINUATIONS,
+        default="mi2v",
+        help="how 'cut: false' shots continue: from the last frame (mi2v) or the last 5 frames (mm2v)",
+    )
+    p.add_argument("--no-identity", action="store_true", help="no identity (subject reconstruction) slot")
+    p.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    return p
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``python -m memento_core.story``: parse arguments, pick the models, render. Returns the exit code."""
+    args = _parser().parse_args(argv)
+    config = None if args.tiny else (args.models or os.environ.get("MEMENTO_MODELS") or None)
+    try:
+        story = load_story(args.story)
+        if config:
+            models = real_models(load_model_config(config))
+            defaults: dict[str, Any] = {}
+        else:
+            models, defaults = tiny_models(), dict(TINY_DEFAULTS)
+        given = {k: getattr(args, k) for k in ("width", "height", "frames", "steps") if getattr(args, k)}
+        settings = replace(
+            RunSettings(),
+            **{**defaults, **given},
+            seed=args.seed,
+            solver=args.solver,
+            first_shot="references" if args.reference and args.first_shot == "t2v" else args.first_shot,
+            references=tuple(args.reference),
+            continuation=args.continuation,
+            identity=not args.no_identity,
+            max_shots=args.shots,
+            policy=args.policy,
+            capacity=args.memory_capacity,
+        )
+        out = Path(args.out) if args.out else Path("output") / Path(args.story).stem
+        progress = Progress(min(len(story.shots), args.shots or len(story.shots)), enabled=not args.quiet)
+        for warning in story.warnings:
+            progress.message(f"warning: {warning}")
+        render_story(
+            story, models, settings, out, resume=args.resume, overwrite=args.overwrite, progress=progress
+        )
+    except MementoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted; finished shots are kept. Run the same command with --resume to go on.",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m memento_core.story``."""
+    return cli(argv)

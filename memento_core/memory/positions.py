@@ -1,0 +1,105 @@
+"""Temporal RoPE positions of memory frames (SPEC 4.3, 5) and the frames a Memento shot remembers.
+
+Three schemes place a shot ``[identity | memory | target]`` on the time axis:
+
+- ``memento``: time-aware negative positions from each frame's story time; identity at -512.
+- ``storymem``: StoryMem's paper, fixed negative spacing: memory ``j`` of ``M`` at ``-(M-j)·S``.
+- ``sequential``: StoryMem's released model code: memory ``0..M-1``, target ``M..M+T-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .frames import FRAMES_PER_SHOT, MIN_POSITION, TEMPORAL_STRIDE
+
+__all__ = [
+    "SCHEMES",
+    "STORYMEM_SPACING",
+    "PositionScheme",
+    "frame_positions",
+    "memento_sample_indices",
+    "memory_positions",
+    "sequential_positions",
+    "storymem_positions",
+]
+
+PositionScheme = Literal["memento", "storymem", "sequential"]
+SCHEMES: tuple[str, ...] = ("memento", "storymem", "sequential")
+#: StoryMem's fixed RoPE spacing S between memory frames.
+STORYMEM_SPACING = 5
+
+
+def memento_sample_indices(n: int = 8, last: int = FRAMES_PER_SHOT - 1) -> list[int]:
+    """Pixel-frame indices of ``n`` evenly spaced frames of a shot: ``round(i·last/(n-1))`` (SPEC 4.6).
+
+    ``n=8, last=80`` gives 0, 11, 23, 34, 46, 57, 69, 80 (Python ``round``, as the reference). ``n=1``
+    gives ``[last]``, the most recent frame.
+    """
+    if n < 1 or last < 0:
+        raise ValueError(f"memento_sample_indices: need n >= 1 and last >= 0, got n={n}, last={last}")
+    if n == 1:
+        return [last]
+    return [round(i * last / (n - 1)) for i in range(n)]
+
+
+def memory_positions(abs_frames: Sequence[int], current_time: int) -> list[int]:
+    """Memento's time-aware RoPE positions of memory frames (SPEC 4.3).
+
+    ``max(min(abs // 4 - current_time // 4, -1), -512)`` for each ``abs`` (floor division, so a
+    reference at abs -1 is at latent -1). Shot 2 (current_time 81) with shot 1's frames
+    0, 11, 23, 34, 46, 57, 69, 80 gives -20, -18, -15, -12, -9, -6, -3, -1.
+    """
+    base = int(current_time) // TEMPORAL_STRIDE
+    return [max(min(int(a) // TEMPORAL_STRIDE - base, -1), MIN_POSITION) for a in abs_frames]
+
+
+def storymem_positions(m: int, spacing: int = STORYMEM_SPACING) -> list[int]:
+    """StoryMem's fixed spacing: memory ``j`` of ``m`` at ``-(m-j)·spacing`` (5 frames: -25 .. -5)."""
+    return [max(-(m - j) * spacing, MIN_POSITION) for j in range(m)]
+
+
+def sequential_positions(m: int) -> list[int]:
+    """Legacy sequential positions (Dec-2025 StoryMem release): memory ``0 .. m-1``."""
+    return list(range(m))
+
+
+def frame_positions(
+    scheme: PositionScheme,
+    abs_frames: Sequence[int],
+    current_time: int,
+    n_target: int = 21,
+    identity: bool = False,
+    spacing: int = STORYMEM_SPACING,
+) -> Tensor:
+    """Time positions of a shot ``[identity | memory | target]`` -> LongTensor [n_identity + M + n_target].
+
+    memento: identity -512, memory from ``memory_positions``, target ``k`` at ``k``.
+    storymem: memory ``-(M-j)·spacing``, target ``k`` at ``k``. sequential: memory ``0..M-1``, target
+    ``k`` at ``M + k``. The identity slot exists in the memento scheme only. ``abs_frames`` (M entries,
+    in slot order) only count the memory frames in the storymem and sequential schemes.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"frame_positions: scheme must be one of {SCHEMES}, got {scheme!r}")
+    if identity and scheme != "memento":
+        raise ValueError(
+            f"frame_positions: the identity slot exists only in the memento scheme, not {scheme!r}"
+        )
+    if n_target < 0:
+        raise ValueError(f"frame_positions: n_target must be >= 0, got {n_target}")
+    m = len(abs_frames)
+    if scheme == "memento":
+        memory = memory_positions(abs_frames, current_time)
+        target = list(range(n_target))
+    elif scheme == "storymem":
+        memory = storymem_positions(m, spacing)
+        target = list(range(n_target))
+    else:
+        memory = sequential_positions(m)
+        target = [m + k for k in range(n_target)]
+    head = [MIN_POSITION] if identity else []
+    return torch.tensor(head + memory + target, dtype=torch.long)
