@@ -514,7 +514,11 @@ def _render_one(
 
     files = {"video": f"shots/{shot.label}.mp4", "memory": f"memory/{shot.label}.png"}
     write_mp4(kept, out / files["video"], fps=FPS)
+    if policy.shared_pool:  # one pool serves both experts: one row
+        used, positions = {"high": used.get("high", [])}, {"high": positions.get("high", [])}
     rows = selection_rows(bank, used, selection, models.vae.decode, positions) if any(used.values()) else []
+    if policy.shared_pool:
+        rows = [("shared", tiles) for _, tiles in rows]
     if not any(tiles for _, tiles in rows):
         rows = [("none", [])]
     if identity is not None:
