@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MementoError
+from .m2v import KFQ_PRECISIONS
 from .memory import policy_class
 from .models import tiny_models
 from .real_models import load_model_config, real_models
 from .runner import CONTINUATIONS, FIRST_SHOT_MODES, RUNNER_POLICIES, Progress, RunSettings, render_story
+from .sampling import SOLVERS
+from .shot import MEMORY_NOISE, NOISE_SOURCES
 from .story import load_story
 
 __all__ = ["cli", "main"]
@@ -73,7 +76,50 @@ def _parser() -> argparse.ArgumentParser:
         help="how 'cut: false' shots continue: from the last frame (mi2v) or the last 5 frames (mm2v)",
     )
     p.add_argument("--no-identity", action="store_true", help="no identity (subject reconstruction) slot")
-    p.add_argument("--solver", choices=("unipc", "euler"), default="unipc")
+    p.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default="unipc",
+        help="unipc (the released default), dpm++ (Wan's DPM-Solver++ on its own schedule) or euler",
+    )
+    released = p.add_argument_group("options of the released pipelines (each as the reference defines it)")
+    released.add_argument(
+        "--fix",
+        type=int,
+        help="keep the first N memory frames: Memento's --fix N (in the local quota), StoryMem's sink "
+        "(default: the policy's: memento 0, storymem 3)",
+    )
+    released.add_argument(
+        "--idt-back-mode",
+        action="store_true",
+        help="Memento's --idt_back_mode: the identity slot after the memory frames",
+    )
+    released.add_argument(
+        "--storymem-mode",
+        action="store_true",
+        help="Memento's --storymem_mode: memory positions 20 latent frames apart",
+    )
+    released.add_argument(
+        "--memory-noise",
+        choices=MEMORY_NOISE,
+        default="released",
+        help="the noise memory slots are re-noised with after step 0: released (the step-0 re-noised "
+        "memory, as the released sampler) or fixed (the initial noise, SPEC 4.5's idealised form)",
+    )
+    released.add_argument(
+        "--noise",
+        choices=NOISE_SOURCES,
+        default="cpu",
+        help="initial noise from a CPU generator (the same on every device) or from one on the compute "
+        "device (as the released pipelines: a GPU reproduces their videos seed for seed)",
+    )
+    released.add_argument(
+        "--kfq-precision",
+        choices=KFQ_PRECISIONS,
+        default="auto",
+        help="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in bf16, as released), "
+        "fp32 or bf16",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     return p
 
@@ -99,6 +145,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
             references=tuple(args.reference),
             continuation=args.continuation,
             identity=not args.no_identity,
+            fix=args.fix,
+            identity_back=args.idt_back_mode,
+            storymem_mode=args.storymem_mode,
+            memory_noise=args.memory_noise,
+            noise=args.noise,
+            kfq_precision=args.kfq_precision,
             max_shots=args.shots,
             policy=args.policy,
             capacity=args.memory_capacity,

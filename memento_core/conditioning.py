@@ -14,6 +14,12 @@ target        1 on latent 0 (MI2V) or 0 and 1 (MM2V),     VAE encode of [first f
 
 The pixel-space clips to encode are built here too (``condition_clip``, ``identity_image``); the VAE
 itself stays behind the adapters' protocol.
+
+Memento's ``--idt_back_mode`` (``identity_back=True``) puts the identity slot after the memory:
+latents ``[memory | identity | target]``, while the released code's mask stays ``[memory | target |
+identity]`` (its identity mask is appended at the end, so mask and latents are offset by one frame over
+the identity and target slots); the DiT still treats the FIRST frame's tokens as the identity segment.
+All reproduced as released.
 """
 
 from __future__ import annotations
@@ -101,7 +107,8 @@ class ShotCondition:
     """Everything one expert needs for a shot, besides noise and text.
 
     y: [20, F, h, w] (mask + condition latent); frame_pos: LongTensor [F]; memory: clean memory latents
-    [16, M, h, w] (re-noised into x every step by Memento); F = n_identity + n_memory + n_target.
+    [16, M, h, w] (re-noised into x every step by Memento); F = n_identity + n_memory + n_target;
+    identity_back: the layout is ``[memory | identity | target]`` (Memento's ``--idt_back_mode``).
     """
 
     y: Tensor
@@ -110,6 +117,7 @@ class ShotCondition:
     n_identity: int
     n_memory: int
     n_target: int
+    identity_back: bool = False
 
     @property
     def frames(self) -> int:
@@ -117,7 +125,13 @@ class ShotCondition:
 
     @property
     def memory_slice(self) -> slice:
-        return slice(self.n_identity, self.n_identity + self.n_memory)
+        start = 0 if self.identity_back else self.n_identity
+        return slice(start, start + self.n_memory)
+
+    @property
+    def identity_slice(self) -> slice:
+        start = self.n_memory if self.identity_back else 0
+        return slice(start, start + self.n_identity)
 
     @property
     def target_slice(self) -> slice:
@@ -130,8 +144,10 @@ def build_shot(
     target_condition: Tensor,
     mode: ShotMode,
     identity_condition: Tensor | None = None,
+    identity_back: bool = False,
 ) -> ShotCondition:
-    """Assemble ``y`` for ``[identity | memory | target]``.
+    """Assemble ``y`` for ``[identity | memory | target]`` (``identity_back``: ``[memory | identity |
+    target]`` with the released mask ``[memory | target | identity]``, see the module docstring).
 
     memory: [16, M, h, w] clean memory latents (M may be 0); frame_pos: LongTensor
     [n_identity + M + n_target] from ``memory.frame_positions``; target_condition: [16, T, h, w] the
@@ -157,13 +173,17 @@ def build_shot(
         raise ShapeError(f"frame_pos: expected {total} positions, got {list(frame_pos.shape)}")
 
     masks, latents = [], []
-    if identity_condition is not None:
+    if identity_condition is not None and not identity_back:
         masks.append(torch.zeros(4, 1))
         latents.append(identity_condition.float())
     masks.append(torch.ones(4, n_mem))
     latents.append(memory.float())
+    if identity_condition is not None and identity_back:
+        latents.append(identity_condition.float())
     masks.append(target_mask(n_target, mode))
     latents.append(target_condition.float())
+    if identity_condition is not None and identity_back:
+        masks.append(torch.zeros(4, 1))
     device = target_condition.device
     mask = torch.cat(masks, 1).to(device)[:, :, None, None].expand(4, total, *size)
     y = torch.cat([mask, torch.cat([t.to(device) for t in latents], 1)], 0)
@@ -174,4 +194,5 @@ def build_shot(
         n_identity=n_id,
         n_memory=n_mem,
         n_target=n_target,
+        identity_back=identity_back and n_id > 0,
     )

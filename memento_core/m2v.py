@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from .conditioning import (
 )
 from .dit import WanDiT
 from .errors import ShapeError
+from .fp8 import is_fp8
 from .keyframe_query import KeyframeQuery, split_global_caption
 from .memory import (
     FinishedShot,
@@ -41,15 +42,19 @@ from .memory import (
     MemoryPolicy,
     MemoryTools,
     Remembered,
+    SamplerDefaults,
     Selection,
     SelectionInputs,
+    frame_positions,
     kfq_selector,
     recency_selector,
 )
+from .memory.positions import PLACEHOLDER_OFFSET, STORYMEM_SPACING
 from .sampling import StepInfo
 from .shot import ShotSettings, ShotText, sample_shot
 
 __all__ = [
+    "KFQ_PRECISIONS",
     "Backbone",
     "GeneratedShot",
     "ShotRecord",
@@ -57,12 +62,15 @@ __all__ = [
     "encode_frames",
     "encode_shot_text",
     "generate_shot",
+    "kfq_precision_for",
     "remember_shot",
     "render_shot",
     "select_memory",
     "uses_identity",
 ]
 
+#: KeyframeQuery scoring precision: as the backbone computes ("auto"), or forced.
+KFQ_PRECISIONS = ("auto", "fp32", "bf16")
 #: Wan's default negative prompt (SPEC 4.5), used verbatim.
 WAN_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
@@ -90,7 +98,11 @@ class Backbone:
 @dataclass(frozen=True)
 class ShotRequest:
     """What to render. mode: "cut" (hard cut), "mi2v" (continue from the last frame), "mm2v" (from the
-    last 5 frames). reconstruct: the identity caption (turns on the identity slot) or None."""
+    last 5 frames). reconstruct: the identity caption (turns on the identity slot) or None. scheme,
+    spacing, identity_back: the memory positions and the identity slot's place
+    (``memory.frame_positions``); empty_memory: "none" (an empty memory is no memory frame) or
+    "zero_frame" (one zero latent frame at position -2, as Memento's --m2v_first_shot). A policy's
+    ``SamplerDefaults`` give all four."""
 
     prompt: str
     width: int = 832
@@ -101,6 +113,19 @@ class ShotRequest:
     negative: str = WAN_NEGATIVE_PROMPT
     scheme: str = "memento"
     settings: ShotSettings = field(default_factory=ShotSettings)
+    spacing: int = STORYMEM_SPACING
+    identity_back: bool = False
+    empty_memory: str = "none"
+
+    def with_sampler(self, sampler: SamplerDefaults) -> ShotRequest:
+        """This request with a policy's positions, identity placement and empty-memory rule."""
+        return replace(
+            self,
+            scheme=sampler.scheme,
+            spacing=sampler.spacing,
+            identity_back=sampler.identity_back,
+            empty_memory=sampler.empty_memory,
+        )
 
 
 @dataclass(frozen=True)
@@ -119,12 +144,15 @@ class ShotRecord:
     seconds: dict[str, float]
     kept: Tensor | None = None
     memory_log: dict[str, Any] = field(default_factory=dict)
+    placeholder: bool = False
 
     def log(self) -> dict[str, Any]:
         """JSON-ready summary (no tensors): positions, memory ids, selection, the policy's update fields."""
+        extra = {"memory_placeholder": "one zero latent frame (an empty memory)"} if self.placeholder else {}
         return {
             "positions": self.positions,
             "memory_ids": self.memory_ids,
+            **extra,
             "selection": None if self.selection is None else self.selection.to_dict(),
             **self.memory_log,
             "seconds": self.seconds,
@@ -172,8 +200,9 @@ def _continuation(req: ShotRequest, previous: Tensor | None) -> Tensor | None:
 
 
 def uses_identity(request: ShotRequest) -> bool:
-    """True when the shot has an identity slot: a reconstruct caption and the memento position scheme."""
-    return request.reconstruct is not None and request.scheme == "memento"
+    """True when the shot has an identity slot: a reconstruct caption and a scheme with negative memory
+    positions (memento, or storymem as Memento's --storymem_mode uses it)."""
+    return request.reconstruct is not None and request.scheme != "sequential"
 
 
 def encode_shot_text(request: ShotRequest, text_encoder: TextEncoder) -> ShotText:
@@ -195,6 +224,7 @@ def select_memory(
     *,
     policy: MemoryPolicy | None = None,
     before_pool: Callable[[str], None] | None = None,
+    kfq_precision: str = "auto",
 ) -> tuple[MemoryBank, Selection | None]:
     """Choose the memory of the next shot with ``policy`` (default: the bank's own) -> (bank for the
     shot, Selection or None for an empty bank).
@@ -207,22 +237,23 @@ def select_memory(
     if not (len(bank.pool("high")) or len(bank.pool("low"))):
         return bank, None
     policy = policy or bank.policy_object()
-    return policy.select(
-        bank, SelectionInputs(selectors=_selectors(backbone, prompt_t5, global_t5, before_pool))
-    )
+    selectors = _selectors(backbone, prompt_t5, global_t5, before_pool, kfq_precision)
+    return policy.select(bank, SelectionInputs(selectors=selectors))
 
 
 @dataclass(frozen=True)
 class GeneratedShot:
     """A sampled (not decoded) shot. latent: [16, T, h, w] normalised target latents; identity:
     [16, 1, h, w] or None; positions / memory_ids: per pool, the frame positions and frame ids used;
-    seconds: timings of the "condition" and "sample" phases."""
+    seconds: timings of the "condition" and "sample" phases; placeholder: the memory was empty and one
+    zero latent frame stood in for it (``ShotRequest.empty_memory``)."""
 
     latent: Tensor
     identity: Tensor | None
     positions: dict[str, list[int]]
     memory_ids: dict[str, list[str]]
     seconds: dict[str, float]
+    placeholder: bool = False
 
 
 def generate_shot(
@@ -253,11 +284,30 @@ def generate_shot(
     target_condition = vae.encode(clip)
     identity_condition = vae.encode(identity_image(*size)) if identity else None
     conds, positions, memory_ids = {}, {}, {}
+    placeholder = False
     for pool in ("high", "low"):
         frames = bank_for_shot.pool(pool)
-        memory = bank_for_shot.latents(pool) if frames else torch.zeros(16, 0, *target_condition.shape[2:])
-        pos = bank_for_shot.frame_positions(pool, request.scheme, n_target, identity)  # type: ignore[arg-type]
-        conds[pool] = build_shot(memory, pos, target_condition, request.mode, identity_condition)
+        abs_frames = bank_for_shot.abs_frames(pool)
+        if frames:
+            memory = bank_for_shot.latents(pool)
+        elif request.empty_memory == "zero_frame":  # the released --m2v_first_shot: one zero latent
+            memory = torch.zeros(16, 1, *target_condition.shape[2:])
+            abs_frames = [bank_for_shot.current_time + PLACEHOLDER_OFFSET]
+            placeholder = True
+        else:
+            memory = torch.zeros(16, 0, *target_condition.shape[2:])
+        pos = frame_positions(
+            request.scheme,  # type: ignore[arg-type]
+            abs_frames,
+            bank_for_shot.current_time,
+            n_target,
+            identity,
+            request.spacing,
+            request.identity_back,
+        )
+        conds[pool] = build_shot(
+            memory, pos, target_condition, request.mode, identity_condition, request.identity_back
+        )
         positions[pool] = pos.tolist()
         memory_ids[pool] = bank_for_shot.frame_ids(pool)
     t1 = time.perf_counter()
@@ -273,7 +323,7 @@ def generate_shot(
         cancel=cancel,
     )
     seconds = {"condition": t1 - t0, "sample": time.perf_counter() - t1}
-    return GeneratedShot(result.target, result.identity, positions, memory_ids, seconds)
+    return GeneratedShot(result.target, result.identity, positions, memory_ids, seconds, placeholder)
 
 
 def render_shot(
@@ -291,6 +341,7 @@ def render_shot(
     before_pool: Callable[[str], None] | None = None,
     policy: MemoryPolicy | None = None,
     tools: MemoryTools | None = None,
+    kfq_precision: str = "auto",
 ) -> tuple[ShotRecord, MemoryBank]:
     """Render one shot with memory and return it with the updated bank (the input bank is unchanged).
 
@@ -309,8 +360,9 @@ def render_shot(
     if len(bank.pool("high")) or len(bank.pool("low")):
         global_t5 = text_encoder.encode(split_global_caption(request.prompt))
         bank_for_shot, selection = select_memory(
-            backbone, bank, text.prompt, global_t5, policy=policy, before_pool=before_pool
-        )
+            backbone, bank, text.prompt, global_t5, policy=policy, before_pool=before_pool,
+            kfq_precision=kfq_precision,
+        )  # fmt: skip
     timings: dict[str, float] = {"select": time.perf_counter() - t0}
 
     shot = generate_shot(
@@ -342,8 +394,21 @@ def render_shot(
         seconds=timings,
         kept=remembered.video,
         memory_log=remembered.log,
+        placeholder=shot.placeholder,
     )
     return record, remembered.bank
+
+
+def kfq_precision_for(backbone: Backbone, setting: str = "auto") -> str:
+    """The precision KeyframeQuery scores in: ``setting`` "fp32" or "bf16", or "auto": bf16 autocast when
+    the backbone computes in bf16 (bf16 or fp8 weights: the released pipeline scores under its bf16
+    autocast), fp32 when it computes in fp32 or fp16."""
+    if setting not in KFQ_PRECISIONS:
+        raise ShapeError(f"kfq_precision: expected one of {KFQ_PRECISIONS}, got {setting!r}")
+    if setting != "auto":
+        return setting
+    bf16 = backbone.high.weight_dtype == torch.bfloat16 or is_fp8(backbone.high)
+    return "bf16" if bf16 else "fp32"
 
 
 def _selectors(
@@ -351,22 +416,26 @@ def _selectors(
     prompt_t5: Tensor,
     global_t5: Tensor,
     before_pool: Callable[[str], None] | None = None,
+    kfq_precision: str = "auto",
 ) -> dict[str, Any]:
     """Per-pool KFQ selectors using each expert's own text embedding; the most recent frames without KFQs.
 
-    The prompts are embedded when a pool actually needs a selection (on the expert's device then)."""
+    The prompts are embedded when a pool actually needs a selection (on the expert's device then), and
+    embedding and scoring run under bf16 autocast when ``kfq_precision_for`` says so."""
     if backbone.kfq_high is None or backbone.kfq_low is None:
         return {"high": recency_selector, "low": recency_selector}
+    bf16 = kfq_precision_for(backbone, kfq_precision) == "bf16"
 
     def make(pool: str, dit: WanDiT, kfq: KeyframeQuery) -> Any:
         def select(frames: Any, current_time: int, *, k_local: int, k_global: int) -> Any:
             if before_pool is not None:
                 before_pool(pool)
             device = dit.text_embedding[0].weight.device
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 ctx = dit.embed_text(prompt_t5.to(device)).float()
                 ctx_g = dit.embed_text(global_t5.to(device)).float()
-            return kfq_selector(kfq, ctx, ctx_g)(frames, current_time, k_local=k_local, k_global=k_global)
+                pick = kfq_selector(kfq, ctx, ctx_g)
+                return pick(frames, current_time, k_local=k_local, k_global=k_global)
 
         return select
 

@@ -47,6 +47,33 @@ def _even(frames: Tensor) -> Tensor:
     return frames
 
 
+#: BT.601 limited-range RGB -> YCbCr (what FFmpeg's swscale assumes for untagged SD video).
+_YCBCR = torch.tensor(
+    [
+        [0.256788235, 0.504129412, 0.097905882],
+        [-0.148223529, -0.290992157, 0.439215686],
+        [0.439215686, -0.367788235, -0.071427451],
+    ],
+    dtype=torch.float64,
+)
+_YCBCR_OFFSET = torch.tensor([16.0, 128.0, 128.0], dtype=torch.float64)
+
+
+def rgb_to_yuv420p(frames: Tensor) -> Tensor:
+    """[F, H, W, 3] uint8 RGB (H, W even) -> [F, H·3/2, W] uint8 planar yuv420p (Y, then U, then V).
+
+    Done here, in float64, rather than by FFmpeg's swscale, whose SIMD paths gave the encoder inputs that
+    differed from one call to the next for the same frames; the encoded bytes of a clip must depend on
+    its frames only (a resumed run gives the frames of an uninterrupted one). Chroma: the mean of each
+    2x2 block."""
+    f, h, w, _ = frames.shape
+    ycc = frames.to(torch.float64) @ _YCBCR.T + _YCBCR_OFFSET  # [F, H, W, 3]
+    y = ycc[..., 0]
+    chroma = ycc[..., 1:].reshape(f, h // 2, 2, w // 2, 2, 2).mean(dim=(2, 4))  # [F, H/2, W/2, 2]
+    planes = torch.cat([y.reshape(f, -1), chroma[..., 0].reshape(f, -1), chroma[..., 1].reshape(f, -1)], 1)
+    return planes.round().clamp(0, 255).to(torch.uint8).reshape(f, h * 3 // 2, w).contiguous()
+
+
 def _encode(clips: Iterable[Tensor], path: Path, fps: int, crf: int) -> Path:
     """Encode clips [F, H, W, 3] uint8 one after another (each is read only when its turn comes)."""
     av = _av()
@@ -60,14 +87,16 @@ def _encode(clips: Iterable[Tensor], path: Path, fps: int, crf: int) -> Path:
                 stream = container.add_stream("libx264", rate=Fraction(fps))
                 stream.width, stream.height = clip.shape[2], clip.shape[1]
                 stream.pix_fmt = "yuv420p"
+                # One encoder thread: x264's frame threads make the bytes (and decoded frames) depend
+                # on thread timing, and a resumed run must give the frames of an uninterrupted one.
                 stream.options = {"crf": str(crf), "preset": "medium"}
             elif (clip.shape[2], clip.shape[1]) != (stream.width, stream.height):
                 raise ValueError(
                     f"cannot join clips of different sizes: {clip.shape[2]}x{clip.shape[1]} after "
                     f"{stream.width}x{stream.height}"
                 )
-            for frame in clip.numpy():
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            for frame in rgb_to_yuv420p(clip).numpy():
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="yuv420p")))
         if stream is None:
             raise ValueError("no frames to write")
         container.mux(stream.encode(None))

@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -45,23 +45,23 @@ from .adapters import TextEncoder
 from .conditioning import MOTION_FRAMES, latent_frames
 from .dit import WanDiT
 from .errors import MementoError, ShapeError
-from .m2v import WAN_NEGATIVE_PROMPT, ShotRequest, remember_shot, render_shot
+from .m2v import KFQ_PRECISIONS, WAN_NEGATIVE_PROMPT, ShotRequest, remember_shot, render_shot
 from .media import FPS, join_mp4, write_mp4
 from .memory import (
     MemoryBank,
     MemoryPolicy,
     MemoryTools,
     SamplerDefaults,
-    get_policy,
     load_bank,
+    policy_class,
     policy_names,
     save_bank,
 )
 from .models import ModelSet
 from .offload import ExpertSwap
 from .preview import SheetTile, contact_sheet, save_png, selection_rows
-from .sampling import StepInfo
-from .shot import ShotSettings, ShotText, sample_t2v_shot
+from .sampling import SOLVERS, StepInfo
+from .shot import MEMORY_NOISE, NOISE_SOURCES, ShotSettings, ShotText, sample_t2v_shot
 from .story import Story, StoryShot
 
 __all__ = [
@@ -111,9 +111,12 @@ class RunSettings:
     """How to render a story. Sizes default to the released models' (832x480, 81 frames, 40 steps).
 
     policy: the memory policy's name (None: the backbone's family, ``ModelSet.family``); capacity: its
-    memory size (None: the policy's default, Memento 8, StoryMem 10); shift .. t2v_guidance: None takes
-    the policy's sampler settings (:meth:`sampler`), a number overrides them; identity: use the
-    identity slot when the policy has one.
+    memory size (None: the policy's default, Memento 8, StoryMem 10); fix: keep the first N memory
+    frames (Memento's ``--fix``, StoryMem's sink; None: the policy's default); identity_back,
+    storymem_mode: Memento's ``--idt_back_mode`` and ``--storymem_mode``; shift .. t2v_guidance: None
+    takes the policy's sampler settings (:meth:`sampler`), a number overrides them; identity: use the
+    identity slot when the policy has one; memory_noise, noise: ``ShotSettings``; kfq_precision:
+    KeyframeQuery scoring ("auto": as the backbone computes).
     """
 
     width: int = 832
@@ -123,6 +126,9 @@ class RunSettings:
     seed: int = 0
     policy: str | None = None
     capacity: int | None = None
+    fix: int | None = None
+    identity_back: bool = False
+    storymem_mode: bool = False
     shift: float | None = None
     boundary: float | None = None
     guidance: float | None = None
@@ -137,6 +143,9 @@ class RunSettings:
     identity: bool = True
     max_shots: int | None = None
     negative: str = WAN_NEGATIVE_PROMPT
+    memory_noise: str = "released"
+    noise: str = "cpu"
+    kfq_precision: str = "auto"
 
     def check(self) -> None:
         """Raise a readable error for impossible values."""
@@ -160,6 +169,16 @@ class RunSettings:
             raise RunnerError(f"max_shots: must be >= 1, got {self.max_shots}")
         if self.capacity is not None and self.capacity < 1:
             raise RunnerError(f"capacity: must be >= 1, got {self.capacity}")
+        if self.fix is not None and self.fix < 0:
+            raise RunnerError(f"fix: must be >= 0, got {self.fix}")
+        for name, allowed in (
+            ("solver", SOLVERS),
+            ("memory_noise", MEMORY_NOISE),
+            ("noise", NOISE_SOURCES),
+            ("kfq_precision", KFQ_PRECISIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise RunnerError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
         if self.frames < 9:  # 8 distinct evenly spaced frames go to memory after each shot
             raise ShapeError(f"frames: need at least 9 frames per shot (8 go to memory), got {self.frames}")
 
@@ -168,8 +187,22 @@ class RunSettings:
         name = self.policy or family
         if name not in RUNNER_POLICIES:
             raise RunnerError(f"policy: expected one of {', '.join(RUNNER_POLICIES)}, got {name!r}")
-        options = {} if self.capacity is None else {"capacity": self.capacity}
-        return get_policy(name, **options)
+        cls = policy_class(name)
+        fields_of = {f.name for f in fields(cls)}
+        options: dict[str, Any] = {} if self.capacity is None else {"capacity": self.capacity}
+        if self.fix is not None:
+            if cls.fix_option is None:
+                raise RunnerError(f"fix: the {name} policy has no frames to keep fixed")
+            options[cls.fix_option] = self.fix
+        for flag in ("identity_back", "storymem_mode"):
+            if getattr(self, flag):
+                if flag not in fields_of:
+                    raise RunnerError(f"{flag}: an option of Memento's pipeline; the {name} policy has none")
+                options[flag] = True
+        try:
+            return cls(**options)
+        except MementoError as exc:
+            raise RunnerError(f"policy {name}: {exc}") from exc
 
     def sampler(self, policy: MemoryPolicy) -> SamplerDefaults:
         """The policy's sampler settings with the fields given here overriding them."""
@@ -179,10 +212,12 @@ class RunSettings:
     def resolved(self, policy: MemoryPolicy) -> RunSettings:
         """These settings with the policy and every sampler setting written out (for logs and resume)."""
         sampler = self.sampler(policy)
+        fix = getattr(policy, policy.fix_option) if policy.fix_option else None
         return replace(
             self,
             policy=policy.name,
             capacity=policy.capacity,
+            fix=fix,
             **{name: getattr(sampler, name) for name in SAMPLER_FIELDS},
         )
 
@@ -449,6 +484,8 @@ def _render_one(
         solver=settings.solver,
         seed=seed,
         renoise_memory=sampler.renoise_memory,
+        memory_noise=settings.memory_noise,
+        noise=settings.noise,
     )
     t0 = time.perf_counter()
     entry: dict[str, Any] = {
@@ -495,16 +532,15 @@ def _render_one(
             mode=mode if mode in CONTINUATIONS else "cut",
             reconstruct=story.reconstruct_target if settings.identity and sampler.identity_slot else None,
             negative=settings.negative,
-            scheme=sampler.scheme,
             settings=shot_settings,
-        )
+        ).with_sampler(sampler)
         backbone = models.backbone()
         placement = models.placement or (lambda b: _residency(models, b.high, b.low))
         with placement(backbone) as ensure:
             record, new_bank = render_shot(
                 backbone, bank, request, models.vae, encoder, previous_video=tail,
                 shot_index=shot.number + 1, device=models.device, callback=progress.step,
-                before_pool=ensure, policy=policy, tools=tools,
+                before_pool=ensure, policy=policy, tools=tools, kfq_precision=settings.kfq_precision,
             )  # fmt: skip
         latent, identity, kept = record.latent, record.identity, record.kept
         used, selection, positions = record.memory_ids, record.selection, record.positions

@@ -9,6 +9,11 @@ just below 1 down to 0 along Wan's shifted schedule (``wan_schedule``) with one 
   ``UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, solver_order=2,
   solver_type="bh2", predict_x0=True, lower_order_final=True)`` driven with Wan's schedule.
 * ``"euler"``: ``x += (sigma_next - sigma)·v``.
+* ``"dpm++"``: multistep DPM-Solver++ (order 2, midpoint, data prediction, first order on the first
+  and last steps), Wan's ``FlowDPMSolverMultistepScheduler`` on its own schedule (``dpm_schedule``:
+  ``linspace(1, 0)``, not ``0.999``); it reproduces diffusers' ``DPMSolverMultistepScheduler(
+  prediction_type="flow_prediction", use_flow_sigmas=True, algorithm_type="dpmsolver++")`` driven with
+  that schedule. Its coefficients are computed in float32 tensors, as Wan's are.
 
 Public entry points: ``sample`` (one velocity function) and ``sample_experts`` (Wan2.2-A14B's high-noise /
 low-noise expert pair with classifier-free guidance). Both run through the same stepping loop.
@@ -33,6 +38,7 @@ from .errors import MementoError
 __all__ = [
     "SOLVERS",
     "Cond",
+    "DPMSolverPP",
     "EulerSolver",
     "Expert",
     "SamplingCancelled",
@@ -40,10 +46,12 @@ __all__ = [
     "Solver",
     "StepInfo",
     "UniPCSolver",
+    "dpm_schedule",
     "guided_velocity",
     "make_solver",
     "sample",
     "sample_experts",
+    "schedule_for",
     "split_steps",
     "wan_schedule",
 ]
@@ -54,7 +62,7 @@ Cond = Any
 Velocity = Callable[[Tensor, Tensor], Tensor]
 """``velocity(x, t) -> v``: ``x`` float32 latent, ``t`` 0-dim float32 tensor holding the integer timestep."""
 
-SOLVERS = ("unipc", "euler")
+SOLVERS = ("unipc", "euler", "dpm++")
 NUM_TRAIN_TIMESTEPS = 1000
 # Wan's sigma_max is the first training sigma, 1 - 1/1000, stored as float32 and read back with .item().
 SIGMA_MAX = float(np.float32(0.999))
@@ -108,6 +116,23 @@ def wan_schedule(steps: int, shift: float) -> Schedule:
     timesteps = (shifted * NUM_TRAIN_TIMESTEPS).astype(np.int64)
     sigmas = np.concatenate([shifted, [0.0]]).astype(np.float32)
     return Schedule(timesteps=torch.from_numpy(timesteps), sigmas=torch.from_numpy(sigmas))
+
+
+def dpm_schedule(steps: int, shift: float) -> Schedule:
+    """Wan's schedule for its DPM-Solver++ (``get_sampling_sigmas``): ``s = linspace(1, 0, steps + 1)
+    [:steps]`` (float64), shifted as in ``wan_schedule``, ``timesteps = int64(s'·1000)`` (so the first
+    is 1000), ``sigmas = float32([s', 0])``."""
+    _check_steps_shift(steps, shift)
+    s = np.linspace(1.0, 0.0, int(steps) + 1, dtype=np.float64)[: int(steps)]
+    shifted = shift * s / (1.0 + (shift - 1.0) * s)
+    timesteps = (shifted * NUM_TRAIN_TIMESTEPS).astype(np.int64)
+    sigmas = np.concatenate([shifted, [0.0]]).astype(np.float32)
+    return Schedule(timesteps=torch.from_numpy(timesteps), sigmas=torch.from_numpy(sigmas))
+
+
+def schedule_for(solver: str, steps: int, shift: float) -> Schedule:
+    """The schedule a solver is run on in Wan2.2: ``dpm_schedule`` for "dpm++", else ``wan_schedule``."""
+    return dpm_schedule(steps, shift) if solver == "dpm++" else wan_schedule(steps, shift)
 
 
 def split_steps(schedule: Schedule, boundary: float) -> int:
@@ -254,12 +279,57 @@ class UniPCSolver:
         return _bh2_update(self._last_x, self._sigmas[i - 1], self._sigmas[i], m0, delta)
 
 
+class DPMSolverPP:
+    """Multistep DPM-Solver++(2M) for flow sigmas (``alpha = 1 - sigma``), midpoint, data prediction.
+
+    Per step ``i``: ``m_i = x_i - sigma_i·v_i``; with ``lam = log(alpha) - log(sigma)`` and
+    ``h = lam_{i+1} - lam_i``, first order (the first step, and the last, whose sigma is 0)
+    ``x_{i+1} = (sigma_{i+1}/sigma_i)·x_i - alpha_{i+1}·(e^{-h} - 1)·m_i``; second order adds the midpoint
+    term ``-0.5·alpha_{i+1}·(e^{-h} - 1)·D1`` with ``D1 = (m_i - m_{i-1})/r``, ``r = (lam_i - lam_{i-1})/h``.
+    As Wan computes them: float32 scalar tensors (``sigma = 1`` gives ``lam = -inf`` and ``e^{-h} = 0``).
+    """
+
+    order = 2
+
+    def __init__(self, sigmas: Tensor) -> None:
+        self._sigmas = sigmas.detach().to(dtype=torch.float32, device="cpu")
+        self._steps = int(self._sigmas.shape[0]) - 1
+        self._m: list[Tensor] = []
+        self._next_i = 0
+
+    def _lam(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        sigma = self._sigmas[i]
+        alpha = 1 - sigma
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+    def step(self, x: Tensor, v: Tensor, i: int) -> Tensor:
+        if i != self._next_i:
+            raise RuntimeError(f"DPMSolverPP steps must run in order: expected step {self._next_i}, got {i}")
+        self._next_i += 1
+        sigma_s = self._sigmas[i]
+        m0 = x - sigma_s.to(x.device) * v
+        self._m = [*self._m, m0][-self.order :]
+        alpha_t, sigma_t, lam_t = self._lam(i + 1)
+        _, sigma_s, lam_s = self._lam(i)
+        h = lam_t - lam_s
+        coeff = (alpha_t * (torch.exp(-h) - 1.0)).to(x.device)
+        ratio = (sigma_t / sigma_s).to(x.device)
+        if len(self._m) < 2 or i == self._steps - 1:
+            return ratio * x - coeff * m0
+        _, _, lam_s1 = self._lam(i - 1)
+        r0 = ((lam_s - lam_s1) / h).to(x.device)
+        d1 = (1.0 / r0) * (m0 - self._m[-2])
+        return ratio * x - coeff * m0 - 0.5 * coeff * d1
+
+
 def make_solver(name: str, sigmas: Tensor) -> Solver:
-    """A fresh solver ``"unipc"`` or ``"euler"`` for float32 ``sigmas`` ``[steps + 1]``."""
+    """A fresh solver ``"unipc"``, ``"euler"`` or ``"dpm++"`` for float32 ``sigmas`` ``[steps + 1]``."""
     if name == "unipc":
         return UniPCSolver(sigmas)
     if name == "euler":
         return EulerSolver(sigmas)
+    if name == "dpm++":
+        return DPMSolverPP(sigmas)
     raise MementoError(f"solver must be one of {SOLVERS}, got {name!r}")
 
 
@@ -355,7 +425,7 @@ def sample(
     if not callable(velocity):
         raise MementoError(f"velocity must be callable, got {type(velocity).__name__}")
     _check_hooks(callback=callback, cancel=cancel)
-    schedule = wan_schedule(steps, shift)
+    schedule = schedule_for(solver, steps, shift)
     solver_ = make_solver(solver, schedule.sigmas)
     return _run(noise, schedule, solver_, lambda _t: (None, velocity), callback=callback, cancel=cancel)
 
@@ -431,7 +501,7 @@ def sample_experts(
     _check_expert("low", low)
     _check_hooks(callback=callback, cancel=cancel, prepare=prepare)
     _check_boundary(boundary)
-    schedule = wan_schedule(steps, shift)
+    schedule = schedule_for(solver, steps, shift)
     threshold = boundary * NUM_TRAIN_TIMESTEPS
     v_high = guided_velocity(high, cond, uncond)
     v_low = guided_velocity(low, cond, uncond)

@@ -31,6 +31,7 @@ stops the node with ComfyUI's own InterruptProcessingException (no bank is produ
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import comfy.model_management
@@ -40,11 +41,13 @@ from comfy_api.latest import io
 
 from ..memento_core.conditioning import continuation_frames
 from ..memento_core.keyframe_query import split_global_caption
-from ..memento_core.m2v import ShotRequest, generate_shot, select_memory, uses_identity
+from ..memento_core.m2v import KFQ_PRECISIONS, ShotRequest, generate_shot, select_memory, uses_identity
 from ..memento_core.memory import SCHEMES
+from ..memento_core.memory.memento_policy import STORYMEM_MODE_SPACING
+from ..memento_core.memory.positions import STORYMEM_SPACING
 from ..memento_core.preview import contact_sheet
 from ..memento_core.sampling import SOLVERS, SamplingCancelled, StepInfo
-from ..memento_core.shot import ShotSettings, ShotText
+from ..memento_core.shot import MEMORY_NOISE, NOISE_SOURCES, ShotSettings, ShotText
 from .backbone_nodes import compute_device, experts_on_device, require_backbone
 from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE, conditioning_tensor, raw_latent, video_to_image
 from .errors import node_errors
@@ -63,6 +66,14 @@ CATEGORY = "Memento"
 MI2V_CHOICE = "last frame (MI2V)"
 #: position_scheme value meaning "the memory policy's own scheme".
 POLICY_SCHEME = "policy"
+#: Memento's --storymem_mode: the storymem scheme at 20 latent frames apart.
+STORYMEM_MODE_SCHEME = "storymem (20 apart, Memento's --storymem_mode)"
+#: position_scheme widget -> (scheme, spacing) (None: the policy's).
+SCHEME_CHOICES: dict[str, tuple[str, int] | None] = {
+    POLICY_SCHEME: None,
+    **{name: (name, STORYMEM_SPACING) for name in SCHEMES},
+    STORYMEM_MODE_SCHEME: ("storymem", STORYMEM_MODE_SPACING),
+}
 #: Generate Shot's continue_with widget -> memento_core shot mode.
 CONTINUE_WITH: dict[str, str] = {MI2V_CHOICE: "mi2v", "last 5 frames (MM2V)": "mm2v"}
 
@@ -105,6 +116,23 @@ class MementoKeyframeRetrieve(io.ComfyNode):
                 io.Vae.Input(
                     "vae", optional=True, tooltip="Decode the preview properly (else rough colours)."
                 ),
+                io.Int.Input(
+                    "fix",
+                    default=-1,
+                    min=-1,
+                    max=64,
+                    optional=True,
+                    tooltip="Keep the first N memory frames (Memento's --fix N: in the local quota; "
+                    "StoryMem's sink); -1: the policy's default.",
+                ),
+                io.Combo.Input(
+                    "kfq_precision",
+                    options=list(KFQ_PRECISIONS),
+                    default="auto",
+                    optional=True,
+                    tooltip="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in bf16, "
+                    "as released), fp32 or bf16 (near-tied picks can differ).",
+                ),
             ],
             outputs=[
                 MemorySelectionSocket.Output("selection", display_name="selection"),
@@ -122,11 +150,20 @@ class MementoKeyframeRetrieve(io.ComfyNode):
         prompt: str,
         global_caption: str = "",
         vae: Any = None,
+        fix: int = -1,
+        kfq_precision: str = "auto",
     ) -> io.NodeOutput:
         """Select; the input bank is unchanged."""
         node = cls.NODE
         loaded = require_backbone(backbone, node)
         bank = require_bank(memory_bank, "memory_bank", node)
+        if kfq_precision not in KFQ_PRECISIONS:
+            raise ValueError(
+                f"{node}: kfq_precision '{kfq_precision}' is not one of {', '.join(KFQ_PRECISIONS)}."
+            )
+        policy = bank.policy_object()
+        if int(fix) >= 0 and policy.fix_option is not None:
+            policy = replace(policy, **{policy.fix_option: int(fix)})
         if not (prompt or "").strip():
             raise ValueError(
                 f"{node}: 'prompt' is empty; give the shot's prompt (the memory is chosen for it)."
@@ -139,8 +176,9 @@ class MementoKeyframeRetrieve(io.ComfyNode):
             check_text_width(prompt_t5, loaded.text_dim, "prompt", node)
             with node_errors(node), experts_on_device(loaded) as ensure:
                 selected, selection = select_memory(
-                    loaded.backbone, bank, prompt_t5, global_t5, before_pool=ensure
-                )
+                    loaded.backbone, bank, prompt_t5, global_t5, policy=policy, before_pool=ensure,
+                    kfq_precision=kfq_precision,
+                )  # fmt: skip
         result = MemorySelection(selected, bank, selection, prompt, glob)
         sheet = contact_sheet(selection_sheet_rows(result, preview_decoder(vae, node)), tile_height=120)
         return io.NodeOutput(result, selected, sheet[None])
@@ -191,7 +229,7 @@ class MementoGenerateShot(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
                 io.Combo.Input(
                     "position_scheme",
-                    options=[POLICY_SCHEME, *SCHEMES],
+                    options=list(SCHEME_CHOICES),
                     default=POLICY_SCHEME,
                     tooltip="policy: the memory policy's (memento: time-aware negative RoPE + identity "
                     "slot; storymem: sequential, as StoryMem's released model); memento; storymem: the "
@@ -229,6 +267,28 @@ class MementoGenerateShot(io.ComfyNode):
                     tooltip="Continue from this frame (its last image): MI2V, unless 'cut' is on. "
                     "Unconnected: a hard cut.",
                 ),
+                io.Combo.Input(
+                    "noise",
+                    options=list(NOISE_SOURCES),
+                    default="cpu",
+                    optional=True,
+                    tooltip="cpu: the same noise on every device; device: drawn on the GPU as the released "
+                    "pipelines do (reproduces their videos seed for seed on that GPU).",
+                ),
+                io.Combo.Input(
+                    "memory_noise",
+                    options=list(MEMORY_NOISE),
+                    default="released",
+                    optional=True,
+                    tooltip="Re-noising noise of the memory slots after step 0: released (the step-0 "
+                    "re-noised memory, as the released sampler) or fixed (the initial noise).",
+                ),
+                io.Boolean.Input(
+                    "idt_back_mode",
+                    default=False,
+                    optional=True,
+                    tooltip="Memento's --idt_back_mode: the identity slot after the memory frames.",
+                ),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="latent"),
@@ -261,6 +321,9 @@ class MementoGenerateShot(io.ComfyNode):
         cut_cfg_boost: float = 0.0,
         continue_with: str = MI2V_CHOICE,
         first_frame: torch.Tensor | None = None,
+        noise: str = "cpu",
+        memory_noise: str = "released",
+        idt_back_mode: bool = False,
     ) -> io.NodeOutput:
         """Validate, build the texts, sample with progress and interruption; nothing is mutated."""
         node = cls.NODE
@@ -268,9 +331,16 @@ class MementoGenerateShot(io.ComfyNode):
         sel = require_selection(selection, node)
         width, height, frames = int(width), int(height), int(frames)
         _check_settings(node, width, height, frames, position_scheme, solver)
+        if noise not in NOISE_SOURCES or memory_noise not in MEMORY_NOISE:
+            raise ValueError(
+                f"{node}: noise must be one of {NOISE_SOURCES}, memory_noise one of {MEMORY_NOISE}."
+            )
         with node_errors(node):
             sampler = sel.bank.policy_object().sampler
-        scheme = sampler.scheme if position_scheme == POLICY_SCHEME else position_scheme
+        request_sampler = sampler
+        if (chosen := SCHEME_CHOICES[position_scheme]) is not None:
+            request_sampler = replace(sampler, scheme=chosen[0], spacing=chosen[1])
+        request_sampler = replace(request_sampler, identity_back=bool(idt_back_mode))
         res = sel.bank.resolution
         if res is not None and res != (height // 8, width // 8):
             raise ValueError(
@@ -314,7 +384,6 @@ class MementoGenerateShot(io.ComfyNode):
             frames=frames,
             mode=continue_mode if continuation is not None else "cut",
             reconstruct=caption,
-            scheme=scheme,
             settings=ShotSettings(
                 steps=int(steps),
                 shift=float(shift),
@@ -326,8 +395,10 @@ class MementoGenerateShot(io.ComfyNode):
                 # The policy decides: Memento re-noises the memory slots every step; StoryMem leaves
                 # them as noise (SPEC 5).
                 renoise_memory=sampler.renoise_memory,
+                memory_noise=memory_noise,
+                noise=noise,
             ),
-        )
+        ).with_sampler(request_sampler)
         pos = conditioning_tensor(positive, "positive", node)
         neg = conditioning_tensor(negative, "negative", node)
         check_text_width(pos, loaded.text_dim, "positive", node)
@@ -371,10 +442,8 @@ def _check_settings(node: str, width: int, height: int, frames: int, scheme: str
         raise ValueError(f"{node}: width and height must be positive multiples of 16, got {width}x{height}.")
     if frames < 1 or (frames - 1) % 4:
         raise ValueError(f"{node}: frames must be of the form 4n+1 (e.g. 81, 49, 17), got {frames}.")
-    if scheme not in (POLICY_SCHEME, *SCHEMES):
-        raise ValueError(
-            f"{node}: position_scheme '{scheme}' is not one of {', '.join((POLICY_SCHEME, *SCHEMES))}."
-        )
+    if scheme not in SCHEME_CHOICES:
+        raise ValueError(f"{node}: position_scheme '{scheme}' is not one of {', '.join(SCHEME_CHOICES)}.")
     if solver not in SOLVERS:
         raise ValueError(f"{node}: solver '{solver}' is not one of {', '.join(SOLVERS)}.")
 

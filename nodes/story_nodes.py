@@ -27,7 +27,7 @@ from PIL import Image
 from ..memento_core.dit import WanDiT
 from ..memento_core.errors import MementoError
 from ..memento_core.fp8 import is_fp8
-from ..memento_core.m2v import WAN_NEGATIVE_PROMPT
+from ..memento_core.m2v import KFQ_PRECISIONS, WAN_NEGATIVE_PROMPT
 from ..memento_core.memory import get_policy, load_bank
 from ..memento_core.models import ModelSet, load_t2v_experts
 from ..memento_core.runner import (
@@ -39,6 +39,7 @@ from ..memento_core.runner import (
     render_story,
 )
 from ..memento_core.sampling import SOLVERS, StepInfo
+from ..memento_core.shot import MEMORY_NOISE, NOISE_SOURCES
 from ..memento_core.story import Story, StoryShot, load_story, parse_story
 from .backbone_nodes import compute_device, experts_on_device, find_model_file, require_backbone
 from .comfy_adapters import ComfyImageEmbedder, ComfyTextEncoder, ComfyVideoVAE
@@ -356,6 +357,50 @@ class MementoRenderStory(io.ComfyNode):
                     optional=True,
                     tooltip="Load CLIP Vision: image embeddings for the storymem policy's keyframes.",
                 ),
+                io.Int.Input(
+                    "fix",
+                    default=-1,
+                    min=-1,
+                    max=64,
+                    optional=True,
+                    tooltip="Keep the first N memory frames (Memento's --fix N, StoryMem's sink); -1: the "
+                    "policy's default.",
+                ),
+                io.Boolean.Input(
+                    "idt_back_mode",
+                    default=False,
+                    optional=True,
+                    tooltip="Memento's --idt_back_mode: the identity slot after the memory frames.",
+                ),
+                io.Boolean.Input(
+                    "storymem_mode",
+                    default=False,
+                    optional=True,
+                    tooltip="Memento's --storymem_mode: memory positions 20 latent frames apart.",
+                ),
+                io.Combo.Input(
+                    "noise",
+                    options=list(NOISE_SOURCES),
+                    default="cpu",
+                    optional=True,
+                    tooltip="cpu: the same noise on every device; device: drawn on the GPU as the released "
+                    "pipelines do.",
+                ),
+                io.Combo.Input(
+                    "memory_noise",
+                    options=list(MEMORY_NOISE),
+                    default="released",
+                    optional=True,
+                    tooltip="Memory re-noising after step 0: released or fixed (the initial noise).",
+                ),
+                io.Combo.Input(
+                    "kfq_precision",
+                    options=list(KFQ_PRECISIONS),
+                    default="auto",
+                    optional=True,
+                    tooltip="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in "
+                    "bf16, as released), fp32 or bf16.",
+                ),
             ],
             outputs=[
                 io.Video.Output("story", display_name="story"),
@@ -400,6 +445,12 @@ class MementoRenderStory(io.ComfyNode):
         policy: str = FAMILY_POLICY,
         sampler_settings: str = "policy defaults",
         clip_vision: Any = None,
+        fix: int = -1,
+        idt_back_mode: bool = False,
+        storymem_mode: bool = False,
+        noise: str = "cpu",
+        memory_noise: str = "released",
+        kfq_precision: str = "auto",
     ) -> io.NodeOutput:
         """Check inputs, build the runner's models from ComfyUI's, render (resumable)."""
         node = RENDER_NODE
@@ -452,6 +503,12 @@ class MementoRenderStory(io.ComfyNode):
             identity=bool(identity),
             max_shots=int(max_shots) or None,
             negative=negative,
+            fix=int(fix) if int(fix) >= 0 else None,
+            identity_back=bool(idt_back_mode),
+            storymem_mode=bool(storymem_mode),
+            noise=noise,
+            memory_noise=memory_noise,
+            kfq_precision=kfq_precision,
         )
         models = ModelSet(
             kind="comfyui",

@@ -127,7 +127,19 @@ def test_storymem_and_sequential_positions() -> None:
     assert frame_positions("sequential", abs5[:3], 999, n_target=4).tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert frame_positions("memento", [], 0, n_target=2, identity=True).tolist() == [-512, 0, 1]
     with pytest.raises(ValueError, match="identity"):
-        frame_positions("storymem", abs5, 0, identity=True)
+        frame_positions("sequential", abs5, 0, identity=True)
+    # Memento's --storymem_mode: spacing 20 latent frames, its identity slot still at -512
+    assert frame_positions("storymem", abs5[:2], 0, 2, identity=True, spacing=20).tolist() == [
+        -512, -40, -20, 0, 1,
+    ]  # fmt: skip
+    # Memento's --idt_back_mode: [memory | identity | target], identity at the last memory position + 5
+    assert frame_positions("memento", [0, 80], 81, 2, identity=True, identity_back=True).tolist() == [
+        -20, -1, 4, 0, 1,
+    ]  # fmt: skip
+    assert frame_positions("memento", [], 0, 1, identity=True, identity_back=True).tolist() == [5, 0]
+    assert frame_positions("memento", [-4000], 0, 1, identity=True, identity_back=True).tolist() == [
+        -512, -507, 0,
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="scheme"):
         frame_positions("rope", abs5, 0)  # type: ignore[arg-type]
 

@@ -200,9 +200,12 @@ def text():
 
 
 def test_memento_renoises_memory_every_step_with_its_pool():
+    """memory_noise "fixed" (SPEC 4.5's idealised form): the initial noise at every step."""
     log = []
     c_high, c_low = pools()
-    settings = ShotSettings(steps=10, shift=5.0, boundary=0.9, guidance_high=3.5, guidance_low=2.0, seed=7)
+    settings = ShotSettings(
+        steps=10, shift=5.0, boundary=0.9, guidance_high=3.5, guidance_low=2.0, seed=7, memory_noise="fixed"
+    )
     result = sample_shot(RecordingDiT("high", log), RecordingDiT("low", log), c_high, c_low, text(), settings)
     noise = initial_noise(7, (1, 16, 9, 4, 4))
     schedule = wan_schedule(10, 5.0)
@@ -223,6 +226,56 @@ def test_memento_renoises_memory_every_step_with_its_pool():
     assert log[0]["x"][0, :, 0].equal(noise[0, :, 0])  # identity and target start from the same noise
     assert result.target.shape == (16, 5, 4, 4) and result.identity.shape == (16, 1, 4, 4)
     assert torch.isfinite(result.target).all()
+
+
+def test_released_renoising_uses_the_step0_renoised_memory_as_noise():
+    """As released: the sampler's latent is its noise tensor and step 0 writes the re-noised memory into
+    it, so later steps re-noise with ``(1 - s0)·clean_high + s0·noise`` (step 0 runs the high expert)."""
+    log = []
+    c_high, c_low = pools()
+    settings = ShotSettings(steps=10, shift=5.0, boundary=0.9, guidance_high=3.5, guidance_low=2.0, seed=7)
+    assert settings.memory_noise == "released"  # the default
+    sample_shot(RecordingDiT("high", log), RecordingDiT("low", log), c_high, c_low, text(), settings)
+    noise = initial_noise(7, (1, 16, 9, 4, 4))[0, :, 1:4]
+    timesteps = wan_schedule(10, 5.0).timesteps.tolist()
+    s0 = timesteps[0] / 1000.0
+    noise_after_step0 = (1 - s0) * c_high.memory + s0 * noise
+    for i, t in enumerate(timesteps):
+        pool = (c_high if t >= 900 else c_low).memory
+        s = t / 1000.0
+        expected = (1 - s) * pool + s * (noise if i == 0 else noise_after_step0)
+        assert torch.allclose(log[2 * i]["x"][0, :, 1:4], expected, atol=1e-6), i
+
+
+def test_released_renoising_equals_the_reference_loop_with_its_aliased_noise():
+    """The reference's loop written out: ``latent = noise``; every step writes the re-noised memory into
+    ``latent`` in place (at step 0 that IS ``noise``), then the solver returns a new latent."""
+    from memento_core.sampling import guided_velocity, make_solver
+    from memento_core.shot import Expert
+
+    c_high, c_low = pools()
+    settings = ShotSettings(steps=6, shift=5.0, boundary=0.9, seed=3)
+    result = sample_shot(RecordingDiT("high", []), RecordingDiT("low", []), c_high, c_low, text(), settings)
+    t = text()
+    schedule = wan_schedule(6, 5.0)
+    solver = make_solver("unipc", schedule.sigmas)
+    noise = initial_noise(3, (1, 16, 9, 4, 4))
+    latent = noise  # the same tensor, as released
+    for i, step_t in enumerate(schedule.timesteps.tolist()):
+        cond = c_high if step_t >= 900 else c_low
+        sigma = step_t / 1000.0
+        latent[:, :, 1:4] = (1 - sigma) * cond.memory + sigma * noise[:, :, 1:4]
+        model = RecordingDiT("x", [])
+
+        def call(x, tt, ctx, cond=cond, model=model):
+            return model(x, tt.reshape(1), ctx[0], y=cond.y[None], frame_pos=cond.frame_pos,
+                         n_identity=1, n_memory=3, context_identity=ctx[1])  # fmt: skip
+
+        velocity = guided_velocity(
+            Expert(call, 3.5), (t.prompt, t.identity), (t.negative, t.identity_negative)
+        )
+        latent = solver.step(latent, velocity(latent, torch.tensor(float(step_t))), i)
+    torch.testing.assert_close(result.target, latent[0, :, 4:], rtol=0, atol=1e-6)
 
 
 def test_storymem_does_not_renoise_and_seed_is_deterministic():

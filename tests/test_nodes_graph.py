@@ -22,7 +22,7 @@ from tiny_comfy_models import TINY_FILES, backbone_inputs, loader_nodes
 
 from memento_core.expert import load_memento_expert
 from memento_core.m2v import Backbone, ShotRequest, render_shot
-from memento_core.memory import MemoryBank, load_bank
+from memento_core.memory import MemoryBank, get_policy, load_bank
 from memento_core.shot import ShotSettings
 
 W, H, FRAMES, STEPS = 64, 32, 9, 3
@@ -162,11 +162,12 @@ def direct_models(comfy_host, tiny) -> DirectModels:
 
 
 def shot_request(i: int, mode: str) -> ShotRequest:
-    """Shot ``i`` (0-based) of the graph's story as a memento_core request: seed 101 + i, CFG 3.5."""
+    """Shot ``i`` (0-based) of the graph's story as a memento_core request: seed 101 + i, CFG 3.5, the
+    memento policy's positions and empty memory (one zero latent frame, as --m2v_first_shot)."""
     return ShotRequest(
         prompt=PROMPTS[i], width=W, height=H, frames=FRAMES, mode=mode, reconstruct=RECONSTRUCT,
         negative=NEGATIVE, settings=ShotSettings(steps=STEPS, seed=101 + i),
-    )  # fmt: skip
+    ).with_sampler(get_policy("memento").sampler)  # fmt: skip
 
 
 def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -8,13 +8,14 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from torch import Tensor
 
 from memento_core.sampling import (
     Expert,
     SamplingCancelled,
     StepInfo,
+    dpm_schedule,
     guided_velocity,
     sample,
     sample_experts,
@@ -120,6 +121,56 @@ def test_unipc_last_step_lands_on_x0_prediction() -> None:
     sigma0 = wan_schedule(1, 5.0).sigmas[0]
     expected = noise - sigma0 * velocity(noise, torch.tensor(999.0))
     torch.testing.assert_close(sample(velocity, noise, steps=1), expected, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- DPM++ against diffusers
+
+
+def _diffusers_dpmpp(
+    velocity: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int, shift: float
+) -> Tensor:
+    """Drive diffusers' DPM-Solver++ with Wan's dpm++ schedule (``get_sampling_sigmas``), as Wan2.2's
+    pipelines drive their copy of it (``FlowDPMSolverMultistepScheduler``, defaults)."""
+    scheduler = DPMSolverMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=shift,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        solver_type="midpoint",
+        lower_order_final=True,
+        final_sigmas_type="zero",
+    )
+    scheduler.set_timesteps(steps)
+    # Wan's sigmas, written out independently: linspace(1, 0) shifted, then a final 0.
+    s = np.linspace(1.0, 0.0, steps + 1)[:steps]
+    s = shift * s / (1 + (shift - 1) * s)
+    scheduler.sigmas = torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))
+    scheduler.timesteps = torch.from_numpy((s * 1000).astype(np.int64))
+    x = noise.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(velocity(x, t.to(torch.float32)), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize(("steps", "shift"), [(40, 5.0), (10, 3.0), (40, 12.0), (2, 5.0), (1, 5.0)])
+def test_dpmpp_matches_diffusers(steps: int, shift: float) -> None:
+    velocity, noise = _nonlinear_velocity(), _noise()
+    ours = sample(velocity, noise, steps=steps, shift=shift, solver="dpm++")
+    ref = _diffusers_dpmpp(velocity, noise, steps, shift)
+    scale = ref.abs().max().item()
+    assert torch.isfinite(ours).all() and (ours - ref).abs().max().item() <= 1e-5 * scale
+
+
+def test_dpm_schedule_starts_at_one() -> None:
+    sched = dpm_schedule(40, 5.0)
+    # s = 1, 0.975, 0.95 -> 5s/(1 + 4s) = 1, 4.875/4.9, 4.75/4.8 -> 1000, 994.9.., 989.5..
+    assert sched.timesteps[:3].tolist() == [1000, 994, 989] and float(sched.sigmas[0]) == 1.0
+    assert float(sched.sigmas[-1]) == 0.0 and sched.steps == 40
+    # the first step sees pure noise (sigma 1): x0 = x - v, and one step lands on it exactly
+    velocity, noise = _nonlinear_velocity(), _noise()
+    expected = noise - velocity(noise, torch.tensor(1000.0))
+    torch.testing.assert_close(sample(velocity, noise, steps=1, solver="dpm++"), expected, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ Euler by hand
@@ -342,7 +393,7 @@ def _identity_velocity(x: Tensor, t: Tensor) -> Tensor:
         {"shift": float("nan")},
         {"shift": float("inf")},
         {"shift": 1e6},  # first sigma rounds to 1.0 in float32: UniPC's log(1 - sigma) would be -inf
-        {"solver": "dpm++"},
+        {"solver": "ddim"},
         {"callback": 3},
     ],
 )

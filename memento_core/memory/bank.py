@@ -51,7 +51,7 @@ from .frames import (
     sort_frames,
     stack_latents,
 )
-from .positions import PositionScheme, frame_positions, memento_sample_indices
+from .positions import STORYMEM_SPACING, PositionScheme, frame_positions, memento_sample_indices
 from .registry import get_policy, policy_class
 from .selection import Selection, SelectionInputs, Selector
 
@@ -166,10 +166,18 @@ class MemoryBank:
         return [f.frame_id for f in self.pool(pool)]
 
     def frame_positions(
-        self, pool: str, scheme: PositionScheme = "memento", n_target: int = 21, identity: bool = False
+        self,
+        pool: str,
+        scheme: PositionScheme = "memento",
+        n_target: int = 21,
+        identity: bool = False,
+        spacing: int = STORYMEM_SPACING,
+        identity_back: bool = False,
     ) -> Tensor:
         """``frame_positions`` of this pool for the next shot -> LongTensor [n_identity + M + n_target]."""
-        return frame_positions(scheme, self.abs_frames(pool), self.current_time, n_target, identity)
+        return frame_positions(
+            scheme, self.abs_frames(pool), self.current_time, n_target, identity, spacing, identity_back
+        )
 
     def clip_embeddings(self, pool: str = "low") -> Tensor | None:
         """Stored CLIP embeddings of a pool's frames that have one -> [K, D], or None (StoryMem dedup)."""

@@ -7,11 +7,21 @@
   take slots from the local quota first); the rest are evicted. A pool within capacity is kept as is.
 - Update: 8 evenly spaced frames of the finished shot (``round(i·(F-1)/7)``), each VAE-encoded alone,
   join both pools with their story time; the whole shot is kept.
+- An empty memory is one zero latent frame (mask 1, position -2), as the released ``--m2v_first_shot``.
+
+Options of the released pipeline (``pipeline_learnable_acce.py``), each as it defines them:
+
+- ``fix`` (``--fix N``): over capacity, the first N frames of the pool (story order; pinned frames too)
+  are kept in the local quota; the KeyframeQuery's 6 local picks (over all frames) that are not fixed
+  fill the rest of the 6 in story order (earliest first), short lists are filled with the earliest
+  other frames, and its 2 global picks that are not already kept are added.
+- ``identity_back`` (``--idt_back_mode``): the identity slot after the memory (see ``conditioning``).
+- ``storymem_mode`` (``--storymem_mode``): memory positions at a fixed spacing of 20 latent frames.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from ..adapters import encode_frames
@@ -32,7 +42,12 @@ MEMENTO_SAMPLER = SamplerDefaults(
     scheme="memento",
     renoise_memory=True,
     identity_slot=True,
+    empty_memory="zero_frame",
 )
+#: Memento's --storymem_mode spacing between memory frames, in latent frames.
+STORYMEM_MODE_SPACING = 20
+#: Memento's local picks (selected_local_num).
+LOCAL_PICKS = 6
 
 
 @register_policy
@@ -41,20 +56,30 @@ class MementoPolicy(MemoryPolicy):
     """Memento: KeyframeQuery selection per expert (see the module docstring).
 
     capacity: memory frames per pool (8); n_global: global (identity) picks (2); frames_remembered:
-    frames of each finished shot added to the bank (8).
+    frames of each finished shot added to the bank (8); fix, identity_back, storymem_mode: the released
+    pipeline's options (module docstring).
     """
 
     name: ClassVar[str] = "memento"
     shared_pool: ClassVar[bool] = False
     summary: ClassVar[str] = "a pool per expert, chosen by its KeyframeQuery (6 local + 2 global)"
+    fix_option: ClassVar[str | None] = "fix"
 
     capacity: int = 8
     n_global: int = 2
     frames_remembered: int = 8
+    fix: int = 0
+    identity_back: bool = False
+    storymem_mode: bool = False
 
     @property
     def sampler(self) -> SamplerDefaults:
-        return MEMENTO_SAMPLER
+        if not (self.identity_back or self.storymem_mode):
+            return MEMENTO_SAMPLER
+        scheme = "storymem" if self.storymem_mode else "memento"
+        return replace(
+            MEMENTO_SAMPLER, scheme=scheme, spacing=STORYMEM_MODE_SPACING, identity_back=self.identity_back
+        )
 
     def select(
         self, bank: MemoryBank, inputs: SelectionInputs = SelectionInputs()
@@ -68,6 +93,8 @@ class MementoPolicy(MemoryPolicy):
     def _select_pool(
         self, bank: MemoryBank, name: str, inputs: SelectionInputs
     ) -> tuple[tuple[MemoryFrame, ...], PoolSelection]:
+        if self.fix > 0 and len(bank.pool(name)) > bank.capacity:
+            return self._select_pool_fixed(bank, name, inputs)
         frames = bank.pool(name)
         pinned = [f for f in frames if f.pinned]
         candidates = tuple(f for f in frames if not f.pinned)
@@ -90,6 +117,36 @@ class MementoPolicy(MemoryPolicy):
         record = pool_record(
             name, "kfq", kept, frames, pinned, chosen, local=local_frames, glob=global_frames
         )
+        return kept, record
+
+    def _select_pool_fixed(
+        self, bank: MemoryBank, name: str, inputs: SelectionInputs
+    ) -> tuple[tuple[MemoryFrame, ...], PoolSelection]:
+        """``--fix N`` as the released ``filter_memory_by_query`` applies it (module docstring)."""
+        frames = bank.pool(name)
+        n = len(frames)
+        pinned = [f for f in frames if f.pinned]
+        locked = sorted(set(range(min(self.fix, n))) | {i for i, f in enumerate(frames) if f.pinned})
+        k_local = min(LOCAL_PICKS, n)
+        k_global = min(self.n_global, max(1, n - k_local))
+        picks = selector_for(inputs.selectors, name)(
+            frames, bank.current_time, k_local=k_local, k_global=k_global
+        )
+        local, glob = checked_picks(picks, n, k_local, k_global, name)
+        budget = LOCAL_PICKS
+        remaining = sorted(i for i in set(local) if i not in locked)[: max(0, budget - len(locked))]
+        selected = [*locked, *remaining]
+        if len(selected) < budget:  # the released force-fill: local picks first, then story order
+            rest = [i for i in range(n) if i not in selected]
+            rest.sort(key=lambda i: i not in set(local))
+            selected += rest[: budget - len(selected)]
+        kept_set = set(selected)
+        extra = [g for g in dict.fromkeys(glob) if g not in kept_set][: self.n_global]
+        local_frames = [frames[i] for i in selected if i not in set(locked)]
+        global_frames = [frames[i] for i in extra]
+        kept = sort_frames([frames[i] for i in (*selected, *extra)])
+        chosen = [*local_frames, *global_frames]
+        record = pool_record(name, "kfq+fix", kept, frames, pinned, chosen, local_frames, global_frames)
         return kept, record
 
     def remember(self, bank: MemoryBank, shot: FinishedShot, tools: MemoryTools) -> Remembered:

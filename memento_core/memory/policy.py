@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..adapters import VideoVAE
 from .bank import MemoryBank
-from .positions import PositionScheme
+from .positions import STORYMEM_SPACING, PositionScheme
 from .selection import Selection, SelectionInputs
 
 if TYPE_CHECKING:
@@ -47,9 +47,11 @@ class SamplerDefaults:
     guidance: CFG of both experts on a shot continuing from the previous shot's last frame (MI2V);
     cut_guidance: on shots without a first frame (hard cuts, MM2V, a first shot from memory: the
     reference adds its cut boost whenever no first frame is given); t2v_*: shot 1 by Wan2.2-T2V;
-    scheme: the temporal positions of the memory frames; renoise_memory: re-noise the memory slots at
-    every step (Memento) or leave them as noise (StoryMem); identity_slot: the subject-reconstruction
-    slot is available.
+    scheme: the temporal positions of the memory frames (spacing: of the "storymem" scheme);
+    renoise_memory: re-noise the memory slots at every step (Memento) or leave them as noise (StoryMem);
+    identity_slot: the subject-reconstruction slot is available (identity_back: placed after the
+    memory, Memento's idt_back_mode); empty_memory: what a shot sees when the memory is empty: "none"
+    (no memory frame) or "zero_frame" (one zero latent frame, mask 1, as Memento's --m2v_first_shot).
     """
 
     shift: float
@@ -62,6 +64,9 @@ class SamplerDefaults:
     t2v_shift: float = 12.0
     t2v_boundary: float = 0.875
     t2v_guidance: float = 3.5
+    spacing: int = STORYMEM_SPACING
+    identity_back: bool = False
+    empty_memory: str = "none"
 
     def guidance_for(self, mode: str) -> float:
         """CFG of a shot of ``mode`` ("t2v", "mi2v", "mm2v", "cut", "empty", "references")."""
@@ -124,6 +129,8 @@ class MemoryPolicy(ABC):
     #: The ``SelectionInputs`` fields :meth:`select` cannot do without ("targets": camera poses,
     #: "keep_ids": a list of frames); the story runner offers the policies that need none of these.
     requires: ClassVar[tuple[str, ...]] = ()
+    #: The option that keeps the first N memory frames ("--fix N"): Memento's ``fix``, StoryMem's ``sink``.
+    fix_option: ClassVar[str | None] = None
 
     capacity: int = 8
 

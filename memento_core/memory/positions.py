@@ -3,8 +3,14 @@
 Three schemes place a shot ``[identity | memory | target]`` on the time axis:
 
 - ``memento``: time-aware negative positions from each frame's story time; identity at -512.
-- ``storymem``: StoryMem's paper, fixed negative spacing: memory ``j`` of ``M`` at ``-(M-j)·S``.
+- ``storymem``: StoryMem's paper, fixed negative spacing: memory ``j`` of ``M`` at ``-(M-j)·S``
+  (S = 5; Memento's ``--storymem_mode`` uses S = 20 latent frames, with its identity slot at -512).
 - ``sequential``: StoryMem's released model code: memory ``0..M-1``, target ``M..M+T-1``.
+
+Memento's ``--idt_back_mode`` places the identity slot after the memory, at the last memory position
++ 5 (clamped to [-512, 511]). A frame without a story time (the zero placeholder of a first shot from
+an empty memory) is treated as lying ``PLACEHOLDER_OFFSET`` pixel frames before the shot: memento
+position -2, the spacing the released code falls back to.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .frames import FRAMES_PER_SHOT, MIN_POSITION, TEMPORAL_STRIDE
+from .frames import FRAMES_PER_SHOT, MAX_POSITION, MIN_POSITION, TEMPORAL_STRIDE
 
 __all__ = [
+    "PLACEHOLDER_OFFSET",
     "SCHEMES",
     "STORYMEM_SPACING",
     "PositionScheme",
@@ -32,6 +39,10 @@ PositionScheme = Literal["memento", "storymem", "sequential"]
 SCHEMES: tuple[str, ...] = ("memento", "storymem", "sequential")
 #: StoryMem's fixed RoPE spacing S between memory frames.
 STORYMEM_SPACING = 5
+#: Story time of a memory frame that has none, relative to the shot (2 latent frames before it).
+PLACEHOLDER_OFFSET = -8
+#: Memento's idt_back_mode: the identity slot sits this many positions after the last memory frame.
+IDENTITY_BACK_STEP = 5
 
 
 def memento_sample_indices(n: int = 8, last: int = FRAMES_PER_SHOT - 1) -> list[int]:
@@ -75,20 +86,21 @@ def frame_positions(
     n_target: int = 21,
     identity: bool = False,
     spacing: int = STORYMEM_SPACING,
+    identity_back: bool = False,
 ) -> Tensor:
     """Time positions of a shot ``[identity | memory | target]`` -> LongTensor [n_identity + M + n_target].
 
     memento: identity -512, memory from ``memory_positions``, target ``k`` at ``k``.
-    storymem: memory ``-(M-j)·spacing``, target ``k`` at ``k``. sequential: memory ``0..M-1``, target
-    ``k`` at ``M + k``. The identity slot exists in the memento scheme only. ``abs_frames`` (M entries,
-    in slot order) only count the memory frames in the storymem and sequential schemes.
+    storymem: memory ``-(M-j)·spacing``, target ``k`` at ``k`` (identity -512 when present).
+    sequential: memory ``0..M-1``, target ``k`` at ``M + k`` (no identity slot). ``abs_frames`` (M
+    entries, in slot order) only count the memory frames in the storymem and sequential schemes.
+    identity_back: the order is ``[memory | identity | target]`` and the identity sits at the last
+    memory position + 5 (0 + 5 without memory), clamped to [-512, 511] (Memento's idt_back_mode).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"frame_positions: scheme must be one of {SCHEMES}, got {scheme!r}")
-    if identity and scheme != "memento":
-        raise ValueError(
-            f"frame_positions: the identity slot exists only in the memento scheme, not {scheme!r}"
-        )
+    if identity and scheme == "sequential":
+        raise ValueError("frame_positions: the sequential scheme has no identity slot")
     if n_target < 0:
         raise ValueError(f"frame_positions: n_target must be >= 0, got {n_target}")
     m = len(abs_frames)
@@ -101,5 +113,10 @@ def frame_positions(
     else:
         memory = sequential_positions(m)
         target = [m + k for k in range(n_target)]
-    head = [MIN_POSITION] if identity else []
-    return torch.tensor(head + memory + target, dtype=torch.long)
+    if not identity:
+        return torch.tensor(memory + target, dtype=torch.long)
+    if identity_back:
+        last = memory[-1] if memory else 0
+        back = min(max(last + IDENTITY_BACK_STEP, MIN_POSITION), MAX_POSITION)
+        return torch.tensor([*memory, back, *target], dtype=torch.long)
+    return torch.tensor([MIN_POSITION, *memory, *target], dtype=torch.long)

@@ -50,6 +50,7 @@ class StoryMemPolicy(MemoryPolicy):
     shared_pool: ClassVar[bool] = True
     needs_embedder: ClassVar[bool] = True
     summary: ClassVar[str] = "one pool: CLIP keyframes, the first 3 kept + the most recent (10 in all)"
+    fix_option: ClassVar[str | None] = "sink"
 
     capacity: int = 10
     sink: int = STORYMEM_SINK
