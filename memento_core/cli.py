@@ -79,7 +79,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--solver",
         choices=SOLVERS,
-        default="unipc",
         help="unipc (the released default), dpm++ (Wan's DPM-Solver++ on its own schedule) or euler",
     )
     released = p.add_argument_group("options of the released pipelines (each as the reference defines it)")
@@ -102,21 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     released.add_argument(
         "--memory-noise",
         choices=MEMORY_NOISE,
-        default="released",
         help="the noise memory slots are re-noised with after step 0: released (the step-0 re-noised "
         "memory, as the released sampler) or fixed (the initial noise, SPEC 4.5's idealised form)",
     )
     released.add_argument(
         "--noise",
         choices=NOISE_SOURCES,
-        default="cpu",
         help="initial noise from a CPU generator (the same on every device) or from one on the compute "
         "device (as the released pipelines: a GPU reproduces their videos seed for seed)",
     )
     released.add_argument(
         "--kfq-precision",
         choices=KFQ_PRECISIONS,
-        default="auto",
         help="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in bf16, as released), "
         "fp32 or bf16",
     )
@@ -131,28 +127,33 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         story = load_story(args.story)
         if config:
-            models = real_models(load_model_config(config))
-            defaults: dict[str, Any] = {}
+            model_config = load_model_config(config)
+            models = real_models(model_config)
+            defaults: dict[str, Any] = dict(model_config.run_settings())
         else:
             models, defaults = tiny_models(), dict(TINY_DEFAULTS)
         given = {k: getattr(args, k) for k in ("width", "height", "frames", "steps") if getattr(args, k)}
+        # the released pipelines' options: the command line over the model config's "run" over defaults
+        options = {
+            "solver": args.solver,
+            "fix": args.fix,
+            "memory_noise": args.memory_noise,
+            "noise": args.noise,
+            "kfq_precision": args.kfq_precision,
+            "identity_back": args.idt_back_mode or None,
+            "storymem_mode": args.storymem_mode or None,
+            "policy": args.policy,
+        }
+        given |= {k: v for k, v in options.items() if v is not None}
         settings = replace(
             RunSettings(),
             **{**defaults, **given},
             seed=args.seed,
-            solver=args.solver,
             first_shot="references" if args.reference and args.first_shot == "t2v" else args.first_shot,
             references=tuple(args.reference),
             continuation=args.continuation,
             identity=not args.no_identity,
-            fix=args.fix,
-            identity_back=args.idt_back_mode,
-            storymem_mode=args.storymem_mode,
-            memory_noise=args.memory_noise,
-            noise=args.noise,
-            kfq_precision=args.kfq_precision,
             max_shots=args.shots,
-            policy=args.policy,
             capacity=args.memory_capacity,
         )
         out = Path(args.out) if args.out else Path("output") / Path(args.story).stem

@@ -21,7 +21,8 @@ Model config (JSON; relative paths are relative to the config file)::
       "dtype": "bf16", "device": "cuda", "lora_strength": 1.0,
       "text_device": "cpu",                                 # optional: umT5-XXL (11 GB) off the GPU
       "offload": "swap_experts",                            # optional: one expert on the GPU at a time
-      "clip": "open_clip/ViT-B-32.safetensors"              # optional: StoryMem's keyframe CLIP
+      "clip": "open_clip/ViT-B-32.safetensors",             # optional: StoryMem's keyframe CLIP
+      "run": {"noise": "device", "kfq_precision": "auto"}  # optional: the released pipelines' options
     }
 
 ``memento_high`` / ``memento_low`` take Memento's files (LoRA + KeyframeQuery) or StoryMem's
@@ -35,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,17 @@ __all__ = [
 #: Config dtype -> load dtype ("fp8": loaded and merged in bf16, then block weights stored in fp8).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 TEXT_LEN = 512
+#: Options of the released pipelines a model config may set under "run" -> RunSettings field.
+RUN_OPTIONS = {
+    "policy": "policy",
+    "solver": "solver",
+    "fix": "fix",
+    "idt_back_mode": "identity_back",
+    "storymem_mode": "storymem_mode",
+    "memory_noise": "memory_noise",
+    "noise": "noise",
+    "kfq_precision": "kfq_precision",
+}
 
 
 class ModelConfigError(MementoError):
@@ -86,11 +98,17 @@ class ModelConfig:
     offload: str = "none"
     lora_strength: float = 1.0
     clip: str | None = None
+    run: dict[str, Any] = field(default_factory=dict)
     source: str = "<config>"
 
+    def run_settings(self) -> dict[str, Any]:
+        """The ``run`` options as ``RunSettings`` fields (``idt_back_mode`` is ``identity_back``)."""
+        return {RUN_OPTIONS[k]: v for k, v in self.run.items()}
+
     def describe(self) -> dict[str, Any]:
-        """JSON-ready facts for logs and resume checks (file names, not contents)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        """JSON-ready facts for logs and resume checks (file names, not contents; the run options are
+        recorded with the settings)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "run")}
         return {"kind": "real", **out}
 
 
@@ -119,6 +137,14 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise ModelConfigError(f"model config {source}: field 'offload': expected 'none' or 'swap_experts'")
     if data.get("dtype", "bf16") not in DTYPES:
         raise ModelConfigError(f"model config {source}: field 'dtype': expected one of {list(DTYPES)}")
+    run = data.get("run", {})
+    if not isinstance(run, dict):
+        raise ModelConfigError(f"model config {source}: field 'run': expected an object of run options")
+    if unknown_run := sorted(set(run) - set(RUN_OPTIONS)):
+        raise ModelConfigError(
+            f"model config {source}: field 'run': unknown option(s) {unknown_run}; "
+            f"known: {sorted(RUN_OPTIONS)}"
+        )
     base = source.parent
     resolved: dict[str, Any] = dict(data)
     for key in (*_PATH_FIELDS, "t2v_high", "t2v_low", "clip"):

@@ -220,3 +220,23 @@ def test_storymem_files_pick_the_storymem_policy(model_dir, tmp_path, monkeypatc
     assert log["settings"]["policy"] == "storymem" and log["models"]["clip"] == str(clip_file)
     assert [s["mode"] for s in log["shots"]] == ["t2v", "mi2v"]
     assert all("keyframes" in s and "bank_ids" in s for s in log["shots"])
+
+
+def test_run_options_in_the_model_config(model_dir, tmp_path):
+    """The released pipelines' options may live in the config's "run" object; the command line wins."""
+    cfg = json.loads((model_dir / "models.json").read_text())
+    cfg = {
+        k: str(model_dir / v) if isinstance(v, str) and (model_dir / v).exists() else v
+        for k, v in cfg.items()
+    }
+    run = {"noise": "device", "fix": 1, "storymem_mode": True, "solver": "dpm++", "memory_noise": "fixed"}
+    (tmp_path / "m.json").write_text(json.dumps({**cfg, "run": run}))
+    argv = [str(EXAMPLE), "--models", str(tmp_path / "m.json"), "--out", str(tmp_path / "run")]
+    argv += ["--width", "32", "--height", "32", "--frames", "9", "--steps", "2", "--shots", "2", "-q"]
+    assert cli([*argv, "--solver", "euler"]) == 0
+    settings = json.loads((tmp_path / "run" / "story_log.json").read_text())["settings"]
+    assert (settings["noise"], settings["fix"], settings["storymem_mode"]) == ("device", 1, True)
+    assert (settings["solver"], settings["memory_noise"]) == ("euler", "fixed")  # the flag over the config
+    (tmp_path / "bad.json").write_text(json.dumps({**cfg, "run": {"threads": 2}}))
+    with pytest.raises(ModelConfigError, match="field 'run': unknown option"):
+        load_model_config(tmp_path / "bad.json")
