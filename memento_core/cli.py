@@ -8,8 +8,10 @@ runner, the model set and the real-model adapters; nothing imports it.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -117,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         "fp32 or bf16",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     return p
 
 
@@ -132,7 +135,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
             defaults: dict[str, Any] = dict(model_config.run_settings())
         else:
             models, defaults = tiny_models(), dict(TINY_DEFAULTS)
-        given = {k: getattr(args, k) for k in ("width", "height", "frames", "steps") if getattr(args, k)}
+        # every given value is validated, never replaced: 0 is an error, not "the default"
+        given = {
+            k: getattr(args, k)
+            for k in ("width", "height", "frames", "steps")
+            if getattr(args, k) is not None
+        }
         # the released pipelines' options: the command line over the model config's "run" over defaults
         options = {
             "solver": args.solver,
@@ -156,23 +164,43 @@ def cli(argv: Sequence[str] | None = None) -> int:
             max_shots=args.shots,
             capacity=args.memory_capacity,
         )
-        out = Path(args.out) if args.out else Path("output") / Path(args.story).stem
+        out = Path(args.out) if args.out is not None else Path("output") / Path(args.story).stem
         progress = Progress(min(len(story.shots), args.shots or len(story.shots)), enabled=not args.quiet)
         for warning in story.warnings:
             progress.message(f"warning: {warning}")
         render_story(
             story, models, settings, out, resume=args.resume, overwrite=args.overwrite, progress=progress
         )
-    except MementoError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(
             "\ninterrupted; finished shots are kept. Run the same command with --resume to go on.",
             file=sys.stderr,
         )
         return 130
+    except Exception as exc:  # the boundary: one line that names the input; -v shows the traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an error at the command line's boundary, naming the file or option and what to do."""
+    if isinstance(exc, MementoError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = {
+            errno.ENOSPC: "the disk is full; free space and rerun with --resume",
+            errno.EACCES: "permission denied; pass another --out",
+            errno.EROFS: "the file system is read-only; pass another --out",
+            errno.ENOTDIR: "a path component is a file, not a folder",
+        }.get(exc.errno or 0, "")
+        return f"{where}{exc.strerror or exc}" + (f"; {hint}" if hint else "")
+    if isinstance(exc, MemoryError):
+        return "out of memory; try smaller --width/--height/--frames, or fp8 / offload in the model config"
+    return f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback, and please report it)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,7 @@ __all__ = [
     "ShotCondition",
     "ShotMode",
     "build_shot",
+    "check_frame_size",
     "condition_clip",
     "continuation_frames",
     "identity_image",
@@ -49,6 +50,21 @@ PositionScheme = Literal["memento", "storymem", "sequential"]
 #: StoryMem's MM2V continues from this many motion frames (latent frames 0 and 1).
 MOTION_FRAMES = 5
 _MODES = ("cut", "mi2v", "mm2v")
+
+
+#: Frames (pixels) of a shot are multiples of this in width and height: the VAE's 8 x the DiT's patch 2.
+SIZE_MULTIPLE = 16
+
+
+def check_frame_size(width: int, height: int, what: str = "size") -> None:
+    """The one size rule for every frame that becomes a latent (shots, references, remembered frames):
+    positive multiples of 16 in both directions (a ShapeError naming ``what`` otherwise)."""
+    if width <= 0 or height <= 0 or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        raise ShapeError(
+            f"{what}: width and height must be positive multiples of {SIZE_MULTIPLE}, got {width}x{height} "
+            f"(resize to e.g. {max(SIZE_MULTIPLE, round(width / SIZE_MULTIPLE) * SIZE_MULTIPLE)}x"
+            f"{max(SIZE_MULTIPLE, round(height / SIZE_MULTIPLE) * SIZE_MULTIPLE)})"
+        )
 
 
 def latent_frames(pixel_frames: int) -> int:

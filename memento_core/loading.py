@@ -8,6 +8,7 @@ memory stays about one copy of the loaded weights. Pickle checkpoints are never 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -180,36 +181,75 @@ def open_checkpoint(path: PathLike | Sequence[PathLike]) -> CheckpointIndex:
     return CheckpointIndex(source=source, tensors_info=infos)
 
 
-def _read_header(p: Path) -> list[TensorInfo]:
-    """Parse a safetensors header; check that the file holds every byte it describes."""
+#: The largest safetensors header read. Real checkpoints' headers are far smaller (a 14B Wan expert's,
+#: fp8 scales included, is under 1 MB); a bigger one is refused before it is read.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+def safetensors_header_size(p: Path) -> int:
+    """The header length a safetensors file declares, checked against the file and ``MAX_HEADER_BYTES``
+    (raises ``CheckpointError`` naming the file)."""
     size = p.stat().st_size
     expected = "expected a .safetensors file"
     with open(p, "rb") as fh:
         head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{p}: file is empty or truncated ({size} bytes); {expected}")
-        n = int.from_bytes(head, "little")
-        if n <= 1 or n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{p}: not a safetensors file (no valid header); {expected}")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError as exc:
-            raise CheckpointError(f"{p}: not a safetensors file (header is not JSON); {expected}") from exc
+    if len(head) < 8:
+        raise CheckpointError(f"{p}: file is empty or truncated ({size} bytes); {expected}")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES and n <= size - 8:
+        raise CheckpointError(
+            f"{p}: its header declares {n} bytes, more than any real checkpoint's (limit "
+            f"{MAX_HEADER_BYTES} bytes); refused without reading it"
+        )
+    if n <= 1 or n > size - 8:
+        raise CheckpointError(f"{p}: not a safetensors file (no valid header); {expected}")
+    return n
+
+
+def _read_header(p: Path) -> list[TensorInfo]:
+    """Parse a safetensors header; check every entry (known dtype, a shape that fills its byte range
+    exactly, in the file) before any tensor is read."""
+    size = p.stat().st_size
+    expected = "expected a .safetensors file"
+    n = safetensors_header_size(p)
+    with open(p, "rb") as fh:
+        fh.seek(8)
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{p}: not a safetensors file (header is not JSON); {expected}") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{p}: not a safetensors file (header is not a table); {expected}")
     infos = []
-    try:
-        for key, v in header.items():
-            if key == "__metadata__":
-                continue
-            if v["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{p}: tensor '{key}' has unsupported dtype {v['dtype']}")
-            begin, end = v["data_offsets"]
-            infos.append(
-                TensorInfo(p, key, _DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + begin, 8 + n + end)
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype_name = v["dtype"]
+            begin, end = (int(x) for x in v["data_offsets"])
+            shape = tuple(int(d) for d in v["shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{p}: not a safetensors file (malformed header entry for tensor '{key}'); {expected}"
+            ) from exc
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+            raise CheckpointError(
+                f"{p}: tensor '{key}' has dtype {dtype_name!r}, which this loader does not read "
+                f"(supported: {', '.join(_DTYPES)})"
             )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{p}: not a safetensors file (malformed header entry); {expected}") from exc
+        dtype = _DTYPES[dtype_name]
+        if any(d < 0 for d in shape) or not 0 <= begin <= end:
+            raise CheckpointError(
+                f"{p}: tensor '{key}' has a negative shape or byte range; the file is damaged"
+            )
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - begin != nbytes:
+            raise CheckpointError(
+                f"{p}: tensor '{key}' ({dtype_name} {list(shape)}) needs {nbytes} bytes but its byte range "
+                f"holds {end - begin}; the file is damaged or not a safetensors file"
+            )
+        infos.append(TensorInfo(p, key, dtype, shape, 8 + n + begin, 8 + n + end))
     needed = max((i.end for i in infos), default=8 + n)
     if needed > size:
         raise CheckpointError(

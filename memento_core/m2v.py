@@ -27,6 +27,7 @@ from .adapters import TextEncoder, VideoVAE, encode_frames
 from .conditioning import (
     ShotMode,
     build_shot,
+    check_frame_size,
     condition_clip,
     continuation_frames,
     identity_image,
@@ -184,10 +185,7 @@ def remember_shot(
 
 def _check_request(req: ShotRequest) -> int:
     n_target = latent_frames(req.frames)
-    if req.width % 16 or req.height % 16 or req.width <= 0 or req.height <= 0:
-        raise ShapeError(
-            f"size: width and height must be positive multiples of 16, got {req.width}x{req.height}"
-        )
+    check_frame_size(req.width, req.height)
     return n_target
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FPS", "join_mp4", "read_mp4", "to_uint8_frames", "write_mp4"]
+__all__ = ["FPS", "join_mp4", "probe_frames", "read_mp4", "rgb_to_yuv420p", "to_uint8_frames", "write_mp4"]
 
 #: Wan2.2 and Memento sample at 16 frames per second.
 FPS = 16
@@ -172,3 +172,15 @@ def _remux(paths: Sequence[str | os.PathLike[str]], target: Path) -> Path:
                 offset = end
     os.replace(tmp, target)
     return target
+
+
+def probe_frames(path: str | os.PathLike[str]) -> int:
+    """The number of video packets (frames) an mp4 holds, read without decoding; ``ValueError`` naming
+    the file when it is missing, truncated or not a video."""
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except (OSError, IndexError, av.FFmpegError) as exc:
+        raise ValueError(f"{path}: not a readable video file ({exc})") from exc

@@ -122,8 +122,14 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
         data = json.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise ModelConfigError(f"model config {source}: no such file") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelConfigError(f"model config {source}: not readable JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelConfigError(
+            f"model config {source}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ModelConfigError(
+            f"model config {source}: not readable JSON ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(data, dict):
         raise ModelConfigError(f"model config {source}: expected a JSON object")
     known = {f.name for f in fields(ModelConfig)} - {"source"}

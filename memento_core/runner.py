@@ -42,17 +42,16 @@ import torch
 from torch import Tensor
 
 from .adapters import TextEncoder
-from .conditioning import MOTION_FRAMES, latent_frames
+from .conditioning import MOTION_FRAMES, check_frame_size, latent_frames
 from .dit import WanDiT
 from .errors import MementoError, ShapeError
 from .m2v import KFQ_PRECISIONS, WAN_NEGATIVE_PROMPT, ShotRequest, remember_shot, render_shot
-from .media import FPS, join_mp4, write_mp4
+from .media import FPS, join_mp4, probe_frames, write_mp4
 from .memory import (
     MemoryBank,
     MemoryPolicy,
     MemoryTools,
     SamplerDefaults,
-    load_bank,
     policy_class,
     policy_names,
     save_bank,
@@ -60,6 +59,20 @@ from .memory import (
 from .models import ModelSet
 from .offload import ExpertSwap
 from .preview import SheetTile, contact_sheet, save_png, selection_rows
+from .run_folder import (
+    Finished,
+    RunFolderError,
+    RunnerError,
+    atomic_json,
+    check_folder,
+    clear_run,
+    held_outputs,
+    load_latent,
+    load_state,
+    read_json,
+    run_lock,
+    save_state,
+)
 from .sampling import SOLVERS, StepInfo
 from .shot import MEMORY_NOISE, NOISE_SOURCES, ShotSettings, ShotText, sample_t2v_shot
 from .story import Story, StoryShot
@@ -76,6 +89,12 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
+#: Bounds of a run: Wan's schedule has 1000 timesteps; sizes as the nodes' widgets allow.
+MAX_STEPS = 1000
+MAX_SIZE = 4096
+MAX_FRAMES = 1025
+#: The largest seed a generator takes (torch: 64 bits).
+MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 FIRST_SHOT_MODES = ("t2v", "empty", "references")
 CONTINUATIONS = ("mi2v", "mm2v")
 #: The policies a story run can use: their selection needs nothing beyond the KeyframeQuerys (camera
@@ -91,19 +110,6 @@ SAMPLER_FIELDS = (
     "t2v_boundary",
     "t2v_guidance",
 )
-
-
-class RunnerError(MementoError):
-    """A story run cannot start or continue (bad settings, a folder from another run, missing state)."""
-
-
-class RunFolderError(RunnerError):
-    """The output folder holds a run that may not be continued: ``differs`` names the inputs that differ
-    (resume refused), or is empty when resuming was not asked for (nothing is overwritten silently)."""
-
-    def __init__(self, message: str, folder: Path, differs: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.folder, self.differs = folder, list(differs)
 
 
 @dataclass(frozen=True)
@@ -150,12 +156,16 @@ class RunSettings:
     def check(self) -> None:
         """Raise a readable error for impossible values."""
         latent_frames(self.frames)
-        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
-            raise ShapeError(
-                f"size: width and height must be positive multiples of 16, got {self.width}x{self.height}"
+        check_frame_size(self.width, self.height)
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise RunnerError(
+                f"steps: expected 1 to {MAX_STEPS} (the schedule has {MAX_STEPS} timesteps), got {self.steps}"
             )
-        if self.steps < 1:
-            raise RunnerError(f"steps: must be >= 1, got {self.steps}")
+        if max(self.width, self.height) > MAX_SIZE or self.frames > MAX_FRAMES:
+            raise RunnerError(
+                f"size: at most {MAX_SIZE}x{MAX_SIZE} px and {MAX_FRAMES} frames per shot, got "
+                f"{self.width}x{self.height} and {self.frames} frames"
+            )
         if self.first_shot not in FIRST_SHOT_MODES:
             raise RunnerError(f"first_shot: expected one of {FIRST_SHOT_MODES}, got {self.first_shot!r}")
         if self.continuation not in CONTINUATIONS:
@@ -280,14 +290,6 @@ class Progress:
 # ------------------------------------------------------------------------------------------- state
 
 
-@dataclass(frozen=True)
-class _Finished:
-    """What a finished shot leaves for the next: the bank after it and its last frames [3, k, H, W]."""
-
-    bank: MemoryBank
-    tail: Tensor
-
-
 def _fingerprint(
     story: Story, settings: RunSettings, models: ModelSet, policy: MemoryPolicy
 ) -> dict[str, Any]:
@@ -306,29 +308,6 @@ def _fingerprint(
 
 def _file_digest(path: str) -> str:
     return f"{Path(path).name}:{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]}"
-
-
-def _atomic_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _save_state(state_dir: Path, shot: StoryShot, bank: MemoryBank, video: Tensor, latent: Tensor) -> None:
-    from safetensors.torch import save_file
-
-    save_bank(bank, state_dir / f"bank_{shot.label}.safetensors")
-    tmp = state_dir / f"shot_{shot.label}.safetensors.part"
-    tensors = {"tail": video[:, -MOTION_FRAMES:].contiguous().cpu(), "latent": latent.contiguous().cpu()}
-    save_file(tensors, str(tmp))
-    os.replace(tmp, state_dir / f"shot_{shot.label}.safetensors")
-
-
-def _load_state(state_dir: Path, shot: StoryShot) -> _Finished:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(state_dir / f"shot_{shot.label}.safetensors"))
-    return _Finished(load_bank(state_dir / f"bank_{shot.label}.safetensors"), tensors["tail"])
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -363,49 +342,100 @@ def render_story(
 
     resume: continue after the last finished shot of an earlier run of the same story, settings and
     models (anything else is refused, naming what differs). overwrite: start over in a folder that
-    already holds a run. Without either, such a folder is refused so nothing is lost.
+    already holds a run (its outputs are removed first). Without either, a folder holding any run output
+    is refused so nothing is lost. The folder is locked while the run renders.
     """
     settings.check()
+    shots = story.shots[: settings.max_shots] if settings.max_shots else story.shots
+    _check_seeds(shots, settings.seed)
     policy = settings.memory_policy(models.family)
     settings = settings.resolved(policy)
     tools = _memory_tools(policy, models)
     out = Path(out)
-    state_dir = out / "state"
-    shots = story.shots[: settings.max_shots] if settings.max_shots else story.shots
+    check_folder(out)
     progress = progress or Progress(len(shots))
+    with run_lock(out):
+        return _render_story(story, shots, models, settings, policy, tools, out, resume, overwrite, progress)
+
+
+def _check_seeds(shots: Sequence[StoryShot], seed: int) -> None:
+    """Every shot's seed (``seed + index_in_scene``) must be a valid generator seed, checked up front."""
+    last = max((s.index_in_scene for s in shots), default=0)
+    if not 0 <= seed <= MAX_SEED - last:
+        raise RunnerError(
+            f"seed: {seed} is out of range for this story: a shot's seed is seed + its index in the scene "
+            f"(up to +{last} here) and must lie in [0, {MAX_SEED}]; use a seed up to {MAX_SEED - last}"
+        )
+
+
+def _resume_point(
+    out: Path, fingerprint: dict[str, Any], shots: Sequence[StoryShot], resume: bool, overwrite: bool
+) -> tuple[list[dict[str, Any]], Finished | None, str]:
+    """What an earlier run in ``out`` leaves: (finished log entries, the state after the last one, a
+    message). Clears the folder for ``overwrite``; refuses a folder holding outputs otherwise."""
+    state_dir, run_file, log_path = out / "state", out / "state" / "run.json", out / "story_log.json"
+    held = held_outputs(out)
+    if held and overwrite:
+        clear_run(out)
+        return [], None, f"overwriting the earlier run in {out}"
+    if not held:
+        return [], None, f"nothing to resume in {out}; starting from the first shot" if resume else ""
+    if not resume:
+        raise RunFolderError(
+            f"{out} already holds a story run ({', '.join(held)}); pass --resume to continue it or "
+            "--overwrite to start over",
+            out,
+        )
+    if not run_file.exists():
+        raise RunFolderError(
+            f"{out} holds a run's outputs ({', '.join(held)}) but no state/run.json to resume from; pass "
+            "--overwrite to start over",
+            out,
+        )
+    before = read_json(run_file, "the run's fingerprint")
+    if differs := _diff(before, fingerprint):
+        raise RunFolderError(
+            f"--resume: {out} was rendered with different inputs ({', '.join(differs)}); "
+            "use the same story, settings and models, or another folder",
+            out,
+            differs,
+        )
+    old_log = read_json(log_path, "the run log") if log_path.exists() else {"shots": []}
+    entries = old_log.get("shots") if isinstance(old_log, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "label" in e for e in entries):
+        raise RunFolderError(
+            f"{log_path} (the run log) is damaged; rerun with --overwrite to start over", out
+        )
+    by_label = {entry["label"]: entry for entry in entries}
+    done: list[dict[str, Any]] = []
+    for shot in shots:
+        if shot.label not in by_label or not (state_dir / f"shot_{shot.label}.safetensors").exists():
+            break
+        done.append(by_label[shot.label])
+    finished = load_state(state_dir, shots[len(done) - 1].label) if done else None
+    return done, finished, f"resuming after {len(done)} finished shot(s) of {len(shots)}"
+
+
+def _render_story(
+    story: Story,
+    shots: Sequence[StoryShot],
+    models: ModelSet,
+    settings: RunSettings,
+    policy: MemoryPolicy,
+    tools: MemoryTools,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    progress: Progress,
+) -> dict[str, Any]:
     fingerprint = _fingerprint(story, settings, models, policy)
     log_path = out / "story_log.json"
-
-    done: list[dict[str, Any]] = []
-    finished: _Finished | None = None
-    run_file = state_dir / "run.json"
-    if run_file.exists() and not overwrite:
-        if not resume:
-            raise RunFolderError(
-                f"{out} already holds a story run; pass --resume to continue it or --overwrite to start over",
-                out,
-            )
-        before = json.loads(run_file.read_text(encoding="utf-8"))
-        if differs := _diff(before, fingerprint):
-            raise RunFolderError(
-                f"--resume: {out} was rendered with different inputs ({', '.join(differs)}); "
-                "use the same story, settings and models, or another folder",
-                out,
-                differs,
-            )
-        old_log = json.loads(log_path.read_text(encoding="utf-8")) if log_path.exists() else {"shots": []}
-        by_label = {entry["label"]: entry for entry in old_log.get("shots", [])}
-        for shot in shots:
-            if shot.label not in by_label or not (state_dir / f"shot_{shot.label}.safetensors").exists():
-                break
-            done.append(by_label[shot.label])
-        if done:
-            finished = _load_state(state_dir, shots[len(done) - 1])
-        progress.message(f"resuming {story.name!r} after {len(done)} finished shot(s) of {len(shots)}")
-    elif resume and not run_file.exists():
-        progress.message(f"nothing to resume in {out}; starting from the first shot")
+    done, finished, message = _resume_point(out, fingerprint, shots, resume, overwrite)
+    if message:
+        progress.message(f"{story.name!r}: {message}")
+    state_dir = out / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_json(fingerprint, run_file)
+    atomic_json(fingerprint, state_dir / "run.json")
 
     if models.kind == "tiny":
         progress.message(
@@ -434,15 +464,32 @@ def render_story(
             story, shot, mode, models, encoder, settings, policy, tools, bank, tail, out, progress
         )
         done.append(entry)
-        _atomic_json(log, log_path)
+        atomic_json(log, log_path)
     save_bank(bank, out / "memory_bank.safetensors")
+    for entry in done:  # a damaged finished shot file is rebuilt from its saved latent
+        _ensure_shot_file(out, entry, models, policy, progress)
     t0 = time.perf_counter()
     join_mp4([out / "shots" / f"{s.label}.mp4" for s in shots], out / "story.mp4")
     log["joined_seconds"] = round(time.perf_counter() - t0, 3)
     log["outputs"] = {"story": "story.mp4", "bank": "memory_bank.safetensors"}
-    _atomic_json(log, log_path)
+    atomic_json(log, log_path)
     progress.message(f"done: {out / 'story.mp4'} ({len(shots)} shots)")
     return log
+
+
+def _ensure_shot_file(
+    out: Path, entry: dict[str, Any], models: ModelSet, policy: MemoryPolicy, progress: Progress
+) -> None:
+    """Re-encode a finished shot's mp4 from its saved latent when the file is missing or unreadable."""
+    path = out / "shots" / f"{entry['label']}.mp4"
+    try:
+        if probe_frames(path) > 0:
+            return
+    except (OSError, ValueError):
+        pass
+    progress.message(f"{path} is missing or damaged; rebuilding it from the saved state")
+    video = models.vae.decode(load_latent(out / "state", entry["label"]))
+    write_mp4(policy.kept_frames(video, entry.get("mode", "cut")), path, fps=FPS)
 
 
 def _memory_tools(policy: MemoryPolicy, models: ModelSet) -> MemoryTools:
@@ -565,7 +612,7 @@ def _render_one(
             out / files["identity"],
         )
     save_png(contact_sheet(rows), out / files["memory"])
-    _save_state(out / "state", shot, new_bank, kept, latent)
+    save_state(out / "state", shot.label, new_bank, kept, latent, MOTION_FRAMES)
     entry["files"] = files
     entry["seconds_total"] = round(time.perf_counter() - t0, 3)
     progress.message(f"{shot.label} done in {entry['seconds_total']:.1f}s -> {files['video']}")

@@ -28,12 +28,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..memento_core.adapters import encode_frames
+from ..memento_core.conditioning import check_frame_size
 from ..memento_core.m2v import remember_shot
 from ..memento_core.memory import MemoryBank, MemoryTools, bank_to_dict, get_policy, load_bank, save_bank
 from ..memento_core.preview import SheetTile, contact_sheet, selection_rows
 from ..memento_core.runner import RUNNER_POLICIES
 from .comfy_adapters import ComfyImageEmbedder, ComfyVideoVAE, approx_decode, image_to_video, video_to_image
-from .errors import node_errors
+from .errors import check_finite, check_image, check_text_path, node_errors
 from .types import MemoryBankSocket, MemorySelection, MemorySelectionSocket, require_bank
 
 CATEGORY = "Memento"
@@ -47,13 +48,6 @@ UPDATE_RULES: dict[str, str | None] = {
 }
 #: How the shot continued the previous one (Generate Shot's continue_with) -> shot mode.
 CONTINUE_WITH: dict[str, str] = {"last frame (MI2V)": "mi2v", "last 5 frames (MM2V)": "mm2v"}
-
-
-def _check_image(image: Any, name: str, node: str) -> torch.Tensor:
-    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] != 3:
-        got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"{node}: the '{name}' input is not an IMAGE batch [frames, H, W, 3] (got {got}).")
-    return image
 
 
 def _captions(text: str, n: int, node: str) -> list[str]:
@@ -131,15 +125,9 @@ class MementoMemoryBank(io.ComfyNode):
         bank = MemoryBank.empty(policy, int(capacity) or None)
         if reference_images is None:
             return io.NodeOutput(bank)
-        images = _check_image(reference_images, "reference_images", node)
+        images = check_image(reference_images, "reference_images", node)
         if vae is None:
             raise ValueError(f"{node}: reference_images need the 'vae' input (Wan 2.1 VAE) to be encoded.")
-        h, w = images.shape[1:3]
-        if h % 16 or w % 16:
-            raise ValueError(
-                f"{node}: reference_images are {w}x{h}; width and height must be multiples of 16 and equal "
-                "the shots' size (resize them first)."
-            )
         if images.shape[0] > bank.capacity:
             raise ValueError(
                 f"{node}: {images.shape[0]} reference images exceed the capacity {bank.capacity} (references "
@@ -257,7 +245,7 @@ class MementoUpdateMemory(io.ComfyNode):
         with node_errors(node):
             policy = bank.policy_object() if rule is None else get_policy(rule, capacity=bank.capacity)
         if images is not None:
-            video = image_to_video(_check_image(images, "images", node))
+            video = image_to_video(check_image(images, "images", node))
         elif latent is not None:
             samples = latent.get("samples") if isinstance(latent, dict) else None
             if not isinstance(samples, torch.Tensor) or samples.ndim != 5 or samples.shape[:2] != (1, 16):
@@ -265,7 +253,10 @@ class MementoUpdateMemory(io.ComfyNode):
                 raise ValueError(
                     f"{node}: the 'latent' input is not one Wan video latent [1, 16, T, h, w] (got {got})."
                 )
+            check_finite(samples, "latent", node)
             video = adapter.decode_raw(samples)
+            with node_errors(node):
+                check_frame_size(video.shape[3], video.shape[2], "the 'latent' input's frames")
         else:
             raise ValueError(f"{node}: connect the shot's frames ('images') or its 'latent'.")
         if video.shape[1] < 9:
@@ -322,6 +313,7 @@ class MementoSaveMemoryBank(io.ComfyNode):
         """Write the next numbered file; show and return its path."""
         node = cls.NODE
         bank = require_bank(memory_bank, "memory_bank", node)
+        check_text_path(filename_prefix, "filename_prefix", node)
         output_dir = folder_paths.get_output_directory()
         try:
             folder, filename, counter, _sub, _prefix = folder_paths.get_save_image_path(
@@ -335,7 +327,7 @@ class MementoSaveMemoryBank(io.ComfyNode):
 
 
 def _resolve_bank_path(path: str, node: str) -> str:
-    text = (path or "").strip().strip('"')
+    text = check_text_path((path or "").strip().strip('"'), "path", node)
     if not text:
         raise ValueError(f"{node}: 'path' is empty; give a .safetensors file written by Save Memory Bank.")
     if os.path.isabs(text):

@@ -50,7 +50,7 @@ from ..memento_core.sampling import SOLVERS, SamplingCancelled, StepInfo
 from ..memento_core.shot import MEMORY_NOISE, NOISE_SOURCES, ShotSettings, ShotText
 from .backbone_nodes import compute_device, experts_on_device, require_backbone
 from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE, conditioning_tensor, raw_latent, video_to_image
-from .errors import node_errors
+from .errors import check_image, node_errors
 from .memory_nodes import preview_decoder, selection_sheet_rows
 from .types import (
     MementoBackboneSocket,
@@ -358,12 +358,7 @@ class MementoGenerateShot(io.ComfyNode):
         need = continuation_frames(continue_mode)
         continuation = None
         if first_frame is not None and not cut:
-            if (
-                not isinstance(first_frame, torch.Tensor)
-                or first_frame.ndim != 4
-                or first_frame.shape[-1] != 3
-            ):
-                raise ValueError(f"{node}: 'first_frame' is not an IMAGE [frames, H, W, 3].")
+            check_image(first_frame, "first_frame", node, frame_size=False)
             if tuple(first_frame.shape[1:3]) != (height, width):
                 raise ValueError(
                     f"{node}: 'first_frame' is {first_frame.shape[2]}x{first_frame.shape[1]} but the shot is "
@@ -371,8 +366,8 @@ class MementoGenerateShot(io.ComfyNode):
                 )
             if first_frame.shape[0] < need:
                 raise ValueError(
-                    f"{node}: MM2V continues from the last {need} frames, but 'first_frame' has "
-                    f"{first_frame.shape[0]}; connect the previous shot's decoded video."
+                    f"{node}: {continue_mode.upper()} continues from the last {need} frames, but "
+                    f"'first_frame' has {first_frame.shape[0]}; connect the previous shot's decoded video."
                 )
             continuation = (first_frame[-need:].detach().float().cpu() * 2 - 1).permute(3, 0, 1, 2)
         caption = (reconstruct or "").strip() or None

@@ -43,7 +43,7 @@ from ..memento_core.shot import MEMORY_NOISE, NOISE_SOURCES
 from ..memento_core.story import Story, StoryShot, load_story, parse_story
 from .backbone_nodes import compute_device, experts_on_device, find_model_file, require_backbone
 from .comfy_adapters import ComfyImageEmbedder, ComfyTextEncoder, ComfyVideoVAE
-from .errors import node_errors
+from .errors import check_image, check_text_path, node_errors
 from .shot_nodes import check_text_width
 from .types import LoadedBackbone, MementoBackboneSocket, MemoryBankSocket
 
@@ -52,7 +52,7 @@ NODE = "Load Story Script"
 
 
 def _resolve(path: str) -> str:
-    text = (path or "").strip().strip('"')
+    text = check_text_path((path or "").strip().strip('"'), "path", NODE)
     if os.path.isabs(text):
         return text
     return os.path.join(folder_paths.get_input_directory(), text)
@@ -172,7 +172,7 @@ SETTINGS_CHOICES = {"policy defaults": False, "widgets": True}
 def run_folder(folder: str) -> Path:
     """``folder`` (relative to ComfyUI's output folder) as an absolute path inside it, or a ValueError."""
     root = Path(folder_paths.get_output_directory()).resolve()
-    text = (folder or "").strip().strip('"')
+    text = check_text_path((folder or "").strip().strip('"'), "output_folder", RENDER_NODE)
     if not text or os.path.isabs(text):
         raise ValueError(
             f"{RENDER_NODE}: 'output_folder' must be a folder name relative to ComfyUI's output folder "
@@ -209,8 +209,7 @@ class ComfyStoryProgress(Progress):
 def _write_references(images: torch.Tensor, folder: Path) -> tuple[str, ...]:
     """IMAGE [N, H, W, 3] -> PNG files ``folder/ref_NN_<sha256 prefix>.png`` (the runner fits them to the
     shot size). Named by content, so other references never overwrite the files of an earlier run."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{RENDER_NODE}: 'reference_images' is not an IMAGE [N, H, W, 3].")
+    check_image(images, "reference_images", RENDER_NODE, frame_size=False)  # fitted to the shot size
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):

@@ -97,6 +97,10 @@ class MemoryFrame:
                 raise ShapeError(
                     f"memory frame {self.frame_id}: clip_embedding must be a float32 CPU [D] tensor"
                 )
+            if not bool(torch.isfinite(emb).all()):
+                raise MemoryBankError(
+                    f"memory frame {self.frame_id}: clip_embedding holds NaN or infinite values"
+                )
 
     @property
     def size(self) -> tuple[int, int]:
@@ -130,6 +134,10 @@ def check_latent(latent: object, what: str) -> None:
     if latent.dtype != torch.float32 or latent.device.type != "cpu":
         raise ShapeError(
             f"{what}: stored latents are float32 on the CPU, got {latent.dtype} on {latent.device}"
+        )
+    if not bool(torch.isfinite(latent).all()):
+        raise MemoryBankError(
+            f"{what}: the latent holds NaN or infinite values (a damaged bank or a failed encode)"
         )
 
 

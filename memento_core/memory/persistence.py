@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from torch import Tensor
 
 from ..errors import MementoError
+from ..loading import safetensors_header_size
 from .bank import MemoryBank
 from .frames import POOLS, MemoryBankError, MemoryFrame
 
@@ -138,6 +139,13 @@ def load_bank(path: str | os.PathLike[str]) -> MemoryBank:
     if not source.is_file():
         raise MemoryBankError(f"memory bank file {source} does not exist (or is not a file)")
     try:
+        safetensors_header_size(source)
+    except MementoError as exc:
+        raise MemoryBankError(
+            f"memory bank file {source} is not a readable .safetensors file (truncated or another "
+            f"format): {str(exc).removeprefix(f'{source}: ')}"
+        ) from exc
+    try:
         with safe_open(str(source), framework="pt", device="cpu") as fh:
             header = fh.metadata() or {}
             meta = _parse_metadata(header, source)
@@ -174,7 +182,7 @@ def _parse_metadata(header: Mapping[str, str], source: Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise MemoryBankError(f"memory bank file {source}: its metadata is not valid JSON ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != BANK_FORMAT:
         kind = meta.get("format") if isinstance(meta, dict) else None

@@ -26,6 +26,8 @@ from ..keyframe_query import split_global_caption
 
 __all__ = ["Story", "StoryError", "StoryShot", "load_story", "parse_story"]
 
+#: The largest scene number (scene numbers name the shots' files: SS_NN).
+MAX_SCENE = 9999
 #: The only strings read as cut flags: StoryMem's prompt template writes them (with a warning).
 _CUT_STRINGS = {"True": True, "False": False}
 
@@ -112,6 +114,10 @@ def parse_story(data: str | Mapping[str, Any], source: str = "<text>") -> Story:
             raise StoryError(
                 f"story script {source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
             ) from exc
+        except RecursionError as exc:
+            raise StoryError(f"story script {source}: nested too deeply to be a story script") from exc
+        except ValueError as exc:  # e.g. an integer with more digits than Python converts
+            raise StoryError(f"story script {source}: not a readable story script ({exc})") from exc
     if not isinstance(data, Mapping):
         raise StoryError(f"story script {source}: expected a JSON object at the top, got {_kind(data)}")
 
@@ -143,8 +149,8 @@ def parse_story(data: str | Mapping[str, Any], source: str = "<text>") -> Story:
         if not isinstance(scene, Mapping):
             raise fail(where, "an object with scene_num, video_prompts and cut", scene)
         num = scene.get("scene_num")
-        if isinstance(num, bool) or not isinstance(num, int) or num < 0:
-            raise fail(f"{where}.scene_num", "a non-negative integer", num)
+        if isinstance(num, bool) or not isinstance(num, int) or not 0 <= num <= MAX_SCENE:
+            raise fail(f"{where}.scene_num", f"an integer from 0 to {MAX_SCENE}", num)
         if num in seen:
             raise StoryError(
                 f"story script {source}: field '{where}.scene_num': scene {num} is already "
