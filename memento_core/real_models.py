@@ -135,14 +135,6 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
     known = {f.name for f in fields(ModelConfig)} - {"source"}
     if unknown := sorted(set(data) - known):
         raise ModelConfigError(f"model config {source}: unknown field(s) {unknown}; known: {sorted(known)}")
-    if missing := [k for k in _PATH_FIELDS if not data.get(k)]:
-        raise ModelConfigError(f"model config {source}: missing field(s) {missing}")
-    if bool(data.get("t2v_high")) != bool(data.get("t2v_low")):
-        raise ModelConfigError(f"model config {source}: give both t2v_high and t2v_low, or neither")
-    if data.get("offload", "none") not in ("none", "swap_experts"):
-        raise ModelConfigError(f"model config {source}: field 'offload': expected 'none' or 'swap_experts'")
-    if data.get("dtype", "bf16") not in DTYPES:
-        raise ModelConfigError(f"model config {source}: field 'dtype': expected one of {list(DTYPES)}")
     run = data.get("run", {})
     if not isinstance(run, dict):
         raise ModelConfigError(f"model config {source}: field 'run': expected an object of run options")
@@ -151,6 +143,14 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
             f"model config {source}: field 'run': unknown option(s) {unknown_run}; "
             f"known: {sorted(RUN_OPTIONS)}"
         )
+    if missing := [k for k in _PATH_FIELDS if not data.get(k)]:
+        raise ModelConfigError(f"model config {source}: missing field(s) {missing}")
+    if bool(data.get("t2v_high")) != bool(data.get("t2v_low")):
+        raise ModelConfigError(f"model config {source}: give both t2v_high and t2v_low, or neither")
+    if data.get("offload", "none") not in ("none", "swap_experts"):
+        raise ModelConfigError(f"model config {source}: field 'offload': expected 'none' or 'swap_experts'")
+    if data.get("dtype", "bf16") not in DTYPES:
+        raise ModelConfigError(f"model config {source}: field 'dtype': expected one of {list(DTYPES)}")
     base = source.parent
     resolved: dict[str, Any] = dict(data)
     for key in (*_PATH_FIELDS, "t2v_high", "t2v_low", "clip"):

@@ -354,6 +354,8 @@ def render_story(
     out = Path(out)
     check_folder(out)
     progress = progress or Progress(len(shots))
+    if (held := held_outputs(out)) and not overwrite:  # refused before anything is written
+        _refuse_unless_resumable(out, held, resume)
     with run_lock(out):
         return _render_story(story, shots, models, settings, policy, tools, out, resume, overwrite, progress)
 
@@ -380,18 +382,7 @@ def _resume_point(
         return [], None, f"overwriting the earlier run in {out}"
     if not held:
         return [], None, f"nothing to resume in {out}; starting from the first shot" if resume else ""
-    if not resume:
-        raise RunFolderError(
-            f"{out} already holds a story run ({', '.join(held)}); pass --resume to continue it or "
-            "--overwrite to start over",
-            out,
-        )
-    if not run_file.exists():
-        raise RunFolderError(
-            f"{out} holds a run's outputs ({', '.join(held)}) but no state/run.json to resume from; pass "
-            "--overwrite to start over",
-            out,
-        )
+    _refuse_unless_resumable(out, held, resume)
     before = read_json(run_file, "the run's fingerprint")
     if differs := _diff(before, fingerprint):
         raise RunFolderError(
@@ -414,6 +405,22 @@ def _resume_point(
         done.append(by_label[shot.label])
     finished = load_state(state_dir, shots[len(done) - 1].label) if done else None
     return done, finished, f"resuming after {len(done)} finished shot(s) of {len(shots)}"
+
+
+def _refuse_unless_resumable(out: Path, held: list[str], resume: bool) -> None:
+    """A folder holding run outputs is written into only to resume a run that has its state."""
+    if not resume:
+        raise RunFolderError(
+            f"{out} already holds a story run ({', '.join(held)}); pass --resume to continue it or "
+            "--overwrite to start over",
+            out,
+        )
+    if not (out / "state" / "run.json").exists():
+        raise RunFolderError(
+            f"{out} holds a run's outputs ({', '.join(held)}) but no state/run.json to resume from; pass "
+            "--overwrite to start over",
+            out,
+        )
 
 
 def _render_story(

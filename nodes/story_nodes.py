@@ -546,11 +546,12 @@ class MementoRenderStory(io.ComfyNode):
                 progress=progress,
             )
         except RunFolderError as exc:
-            what = (
-                f"holds a render of other inputs ({', '.join(exc.differs)})"
-                if exc.differs
-                else "already holds a render"
-            )
+            if exc.differs:
+                what = f"holds a render of other inputs ({', '.join(exc.differs)})"
+            elif if_exists == "stop":
+                what = "already holds a render"
+            else:  # the runner's reason (no state to resume from, damaged state, another render running)
+                what = f"cannot be resumed: {str(exc).split('; ')[0]}"
             raise ValueError(
                 f"{node}: the output folder {out} {what}. Set if_exists to 'overwrite' to start over there, "
                 "or pick another output_folder."
