@@ -17,7 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from .adapters import TinyImageEmbedder
 from .errors import MementoError
+from .evaluate import EvaluateError, evaluate_run
 from .m2v import KFQ_PRECISIONS
 from .memory import policy_class
 from .models import tiny_models
@@ -120,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="at the end, write the story consistency report (consistency.json / .png, see "
+        "python -m memento_core.evaluate); real models need 'clip' in the model config",
+    )
     return p
 
 
@@ -168,9 +176,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
         progress = Progress(min(len(story.shots), args.shots or len(story.shots)), enabled=not args.quiet)
         for warning in story.warnings:
             progress.message(f"warning: {warning}")
+        evaluator = _evaluator(models) if args.evaluate else None  # refused before rendering when impossible
         render_story(
             story, models, settings, out, resume=args.resume, overwrite=args.overwrite, progress=progress
         )
+        if evaluator is not None:
+            progress.message(evaluate_run(out, *evaluator).summary())
     except KeyboardInterrupt:
         print(
             "\ninterrupted; finished shots are kept. Run the same command with --resume to go on.",
@@ -183,6 +194,22 @@ def cli(argv: Sequence[str] | None = None) -> int:
         print(f"error: {describe_error(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _evaluator(models: Any) -> tuple[Any, str, Any]:
+    """(image embedder, its name, text scorer or None) for the consistency report of a run of ``models``."""
+    from .evaluate import clip_text_scorer
+
+    if models.kind == "tiny":
+        return TinyImageEmbedder(), "tiny (deterministic stand-in: the run used the tiny models)", None
+    embedder = models.embedder()
+    if embedder is None:
+        raise EvaluateError(
+            '--evaluate embeds the shots\' frames with CLIP: add "clip" (an open_clip ViT-B-32 .safetensors '
+            "file) to the model config"
+        )
+    name = "CLIP ViT-B-32 (image CLIP on frames, an approximation of ViCLIP)"
+    return embedder, name, clip_text_scorer(embedder)
 
 
 def describe_error(exc: BaseException) -> str:

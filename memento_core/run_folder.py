@@ -53,6 +53,9 @@ RUN_OUTPUTS = (
     "story.mp4",
     "story_log.json",
     "memory_bank.safetensors",
+    "consistency.json",
+    "consistency.png",
+    "consistency_compare.png",
 )
 LOCK_NAME = "run.lock"
 

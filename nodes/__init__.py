@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from .backbone_nodes import NODES as BACKBONE_NODES
 from .dit_nodes import NODES as DIT_NODES
+from .evaluate_nodes import NODES as EVALUATE_NODES
 from .memory_nodes import NODES as MEMORY_NODES
 from .shot_nodes import NODES as SHOT_NODES
 from .story_nodes import NODES as STORY_NODES
@@ -17,7 +18,7 @@ from .story_nodes import NODES as STORY_NODES
 
 def all_nodes() -> list[type[io.ComfyNode]]:
     """Every node class the pack registers, in menu order."""
-    return [*BACKBONE_NODES, *MEMORY_NODES, *SHOT_NODES, *STORY_NODES, *DIT_NODES]
+    return [*BACKBONE_NODES, *MEMORY_NODES, *SHOT_NODES, *STORY_NODES, *EVALUATE_NODES, *DIT_NODES]
 
 
 __all__ = ["all_nodes"]

@@ -37,6 +37,7 @@ MEMENTO_NODES = (
     "MementoGenerateShot",
     "MementoLoadStoryScript",
     "MementoRenderStory",
+    "MementoStoryConsistency",
     "MementoLoadDiT",
     "MementoDiTInfo",
 )
