@@ -29,25 +29,51 @@ import torch
 
 from .errors import MementoError, ShapeError
 
-__all__ = ["CameraPose", "collapse_runs", "fov_overlap", "retrieve_by_fov"]
+__all__ = [
+    "OVERLAP_RULES",
+    "CameraPose",
+    "collapse_runs",
+    "fov_overlap",
+    "overlaps",
+    "retrieve_by_fov",
+    "sector_overlap",
+    "sector_polygon",
+    "views_overlap",
+]
 
 _PARALLEL_EPS = 1e-12
+#: How two views are compared: SPEC 6's sector intersection (default), or the paper's edge rays.
+OVERLAP_RULES = ("sector", "rays")
+#: Default view depth (SPEC 6): the sector between NEAR and FAR metres.
+NEAR, FAR = 0.1, 30.0
+#: The far arc of a sector polygon is sampled at least every this many degrees.
+ARC_STEP = 5.0
+#: Intersections smaller than this (square metres) are a shared edge or point, not an overlap.
+MIN_AREA = 1e-9
 
 
 @dataclass(frozen=True)
 class CameraPose:
-    """A camera on the ground plane: position (x, z) and yaw in degrees (0 = looking along +z)."""
+    """A camera on the ground plane: position (x, z) in metres, yaw in degrees (0 = looking along +z, 90
+    along +x) and its horizontal field of view ``fov`` in degrees, in (0, 180) (default 60)."""
 
     x: float
     z: float
     yaw: float
+    fov: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("x", "z", "yaw"):
+        for name in ("x", "z", "yaw", "fov"):
             value = float(getattr(self, name))
             if not math.isfinite(value):
                 raise MementoError(f"CameraPose.{name}: expected a finite number, got {value}")
             object.__setattr__(self, name, value)
+        if not 0.0 < self.fov < 180.0:
+            raise MementoError(f"CameraPose.fov: expected an angle in (0, 180) degrees, got {self.fov}")
+
+    def to_json(self) -> dict[str, float]:
+        """``{"x", "z", "yaw", "fov"}`` (SPEC 6)."""
+        return {"x": self.x, "z": self.z, "yaw": self.yaw, "fov": self.fov}
 
     @classmethod
     def from_matrix(cls, c2w: Any, convention: str = "opencv") -> CameraPose:
@@ -119,7 +145,7 @@ def _yaw_gap(a: float, b: float) -> float:
 def fov_overlap(
     a: CameraPose,
     b: CameraPose,
-    fov_deg: float = 60.0,
+    fov_deg: float | None = None,
     near: float = 0.1,
     far: float = 10.0,
     *,
@@ -133,31 +159,134 @@ def fov_overlap(
     sector (distance in [near, far], within FOV/2 of its heading), or when the two positions are closer
     than ``near`` and the headings differ by less than the FOV.
     """
-    _check_view(fov_deg, near, far)
-    half = fov_deg / 2.0
+    fov_a, fov_b = (a.fov, b.fov) if fov_deg is None else (fov_deg, fov_deg)
+    _check_view(fov_a, near, far)
+    _check_view(fov_b, near, far)
+    half_a, half_b = fov_a / 2.0, fov_b / 2.0
     pa, pb = (a.x, a.z), (b.x, b.z)
-    for ra in (a.direction(-half), a.direction(half)):
-        for rb in (b.direction(-half), b.direction(half)):
+    for ra in (a.direction(-half_a), a.direction(half_a)):
+        for rb in (b.direction(-half_b), b.direction(half_b)):
             hit = _ray_hit(pa, ra, pb, rb)
             if hit is not None and near <= hit[0] <= far and near <= hit[1] <= far:
                 return True
     if not cone_containment:
         return False
     if math.hypot(b.x - a.x, b.z - a.z) < near:
-        return _yaw_gap(a.yaw, b.yaw) < fov_deg
-    return _sees(a, b, half, near, far) or _sees(b, a, half, near, far)
+        return _yaw_gap(a.yaw, b.yaw) < max(fov_a, fov_b)
+    return _sees(a, b, half_a, near, far) or _sees(b, a, half_b, near, far)
 
 
-def collapse_runs(indices: Sequence[int]) -> list[int]:
+def sector_polygon(pose: CameraPose, near: float = NEAR, far: float = FAR) -> list[tuple[float, float]]:
+    """A camera's view as a convex polygon, counter-clockwise in (x, z): the chord of the near arc, then
+    the far arc sampled at least every ``ARC_STEP`` degrees (convex since the FOV is below 180)."""
+    _check_view(pose.fov, near, far)
+    half = pose.fov / 2.0
+    n = max(1, math.ceil(pose.fov / ARC_STEP))
+    px, pz = pose.x, pose.z
+    # yaw grows clockwise in (x, z) (0 = +z, 90 = +x): walk from +half to -half for counter-clockwise
+    far_arc = [pose.direction(half - pose.fov * i / n) for i in range(n + 1)]
+    left, right = pose.direction(half), pose.direction(-half)
+    points = [(px + near * right[0], pz + near * right[1])] if near > 0 else [(px, pz)]
+    points += [(px + far * dx, pz + far * dz) for dx, dz in reversed(far_arc)]
+    if near > 0:
+        points.append((px + near * left[0], pz + near * left[1]))
+    return _counter_clockwise(points)
+
+
+def _area(poly: Sequence[tuple[float, float]]) -> float:
+    """Signed area (shoelace): positive for counter-clockwise vertices."""
+    return 0.5 * sum(
+        poly[i][0] * poly[(i + 1) % len(poly)][1] - poly[(i + 1) % len(poly)][0] * poly[i][1]
+        for i in range(len(poly))
+    )
+
+
+def _counter_clockwise(poly: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    return poly if _area(poly) >= 0 else poly[::-1]
+
+
+def _clip(
+    subject: list[tuple[float, float]], a: tuple[float, float], b: tuple[float, float]
+) -> list[tuple[float, float]]:
+    """Sutherland-Hodgman: the part of ``subject`` left of the directed edge a -> b."""
+
+    def inside(p: tuple[float, float]) -> bool:
+        return (b[0] - a[0]) * (p[1] - a[1]) - (b[1] - a[1]) * (p[0] - a[0]) >= 0.0
+
+    def cross(p: tuple[float, float], q: tuple[float, float]) -> tuple[float, float]:
+        dx, dz = q[0] - p[0], q[1] - p[1]
+        ex, ez = b[0] - a[0], b[1] - a[1]
+        den = dx * ez - dz * ex
+        t = ((a[0] - p[0]) * ez - (a[1] - p[1]) * ex) / den
+        return p[0] + t * dx, p[1] + t * dz
+
+    out: list[tuple[float, float]] = []
+    for i, cur in enumerate(subject):
+        prev = subject[i - 1]
+        if inside(cur):
+            if not inside(prev):
+                out.append(cross(prev, cur))
+            out.append(cur)
+        elif inside(prev):
+            out.append(cross(prev, cur))
+    return out
+
+
+def intersection_area(p: Sequence[tuple[float, float]], q: Sequence[tuple[float, float]]) -> float:
+    """Area of the intersection of two convex counter-clockwise polygons."""
+    region = list(p)
+    for i in range(len(q)):
+        if not region:
+            return 0.0
+        region = _clip(region, q[i], q[(i + 1) % len(q)])
+    return abs(_area(region)) if len(region) >= 3 else 0.0
+
+
+def sector_overlap(a: CameraPose, b: CameraPose, near: float = NEAR, far: float = FAR) -> bool:
+    """SPEC 6: the two views (sectors between ``near`` and ``far`` within each camera's FOV, as convex
+    polygons) intersect with positive area. Identical or near-identical poses overlap."""
+    return intersection_area(sector_polygon(a, near, far), sector_polygon(b, near, far)) > MIN_AREA
+
+
+def views_overlap(
+    a: CameraPose, b: CameraPose, rule: str = "sector", near: float = NEAR, far: float = FAR
+) -> bool:
+    """``sector_overlap`` (rule "sector") or the paper's edge-ray test ``fov_overlap`` (rule "rays")."""
+    if rule == "sector":
+        return sector_overlap(a, b, near, far)
+    if rule == "rays":
+        return fov_overlap(a, b, None, near, far)
+    raise MementoError(f"overlap rule: expected one of {OVERLAP_RULES}, got {rule!r}")
+
+
+def overlaps(
+    candidates: Sequence[CameraPose | None],
+    targets: Sequence[CameraPose],
+    rule: str = "sector",
+    near: float = NEAR,
+    far: float = FAR,
+) -> list[bool]:
+    """For each candidate: does its view overlap any target's (a candidate without a pose never does)."""
+    return [
+        cand is not None and any(views_overlap(cand, t, rule, near, far) for t in targets)
+        for cand in candidates
+    ]
+
+
+def collapse_runs(indices: Sequence[int], groups: Sequence[Any] | None = None) -> list[int]:
     """One index per run of consecutive integers: the middle one (upper middle for even runs).
 
-    ``[0, 1, 2, 5, 7, 8]`` -> ``[1, 5, 8]``. Input is sorted and deduplicated first.
+    ``[0, 1, 2, 5, 7, 8]`` -> ``[1, 5, 8]``. Input is sorted and deduplicated first. With ``groups`` (a
+    group per index position, e.g. each candidate frame's shot), a run also ends where the group changes.
     """
     ordered = sorted(set(int(i) for i in indices))
     picks: list[int] = []
     start = 0
     for j in range(1, len(ordered) + 1):
-        if j == len(ordered) or ordered[j] != ordered[j - 1] + 1:
+        broken = j == len(ordered) or ordered[j] != ordered[j - 1] + 1
+        if not broken and groups is not None:
+            broken = groups[ordered[j]] != groups[ordered[j - 1]]
+        if broken:
             run = ordered[start:j]
             picks.append(run[len(run) // 2])
             start = j
@@ -168,10 +297,12 @@ def retrieve_by_fov(
     candidates: Sequence[CameraPose | None],
     targets: Sequence[CameraPose],
     *,
-    fov_deg: float = 60.0,
+    fov_deg: float | None = None,
     near: float = 0.1,
     far: float = 10.0,
     k: int = 8,
+    rule: str = "rays",
+    groups: Sequence[Any] | None = None,
     cone_containment: bool = False,
 ) -> list[int]:
     """Indices of memory frames to condition on, chosen by FOV overlap with the target camera(s).
@@ -179,23 +310,31 @@ def retrieve_by_fov(
     Args:
         candidates: camera pose of each memory frame in time order (None: no pose, never retrieved).
         targets: the camera poses of the shot to generate; a candidate is a hit when it overlaps any.
-        fov_deg, near, far, cone_containment: see :func:`fov_overlap`.
+        rule: "rays" (the paper's edge-ray test, :func:`fov_overlap`, with ``fov_deg`` / the poses' FOV and
+            ``cone_containment``) or "sector" (SPEC 6, :func:`sector_overlap`); near, far: the view depth.
         k: at most this many frames are returned (>= 0).
+        groups: each candidate's group (its shot): runs of hits collapse only within one group.
 
     Returns:
         Sorted candidate indices: hits collapsed to one per run of consecutive indices
         (:func:`collapse_runs`), then the ``k`` most recent.
     """
-    _check_view(fov_deg, near, far)
+    if rule not in OVERLAP_RULES:
+        raise MementoError(f"overlap rule: expected one of {OVERLAP_RULES}, got {rule!r}")
+    if fov_deg is not None or rule == "rays":
+        _check_view(60.0 if fov_deg is None else fov_deg, near, far)
     if k < 0:
         raise MementoError(f"k: expected an integer >= 0, got {k}")
     if any(not isinstance(t, CameraPose) for t in targets):
         raise MementoError("targets: every target camera needs a CameraPose (got None or another type)")
-    hits = [
-        i
-        for i, cand in enumerate(candidates)
-        if cand is not None
-        and any(fov_overlap(cand, t, fov_deg, near, far, cone_containment=cone_containment) for t in targets)
-    ]
-    picks = collapse_runs(hits)
+
+    def hit(cand: CameraPose) -> bool:
+        if rule == "sector":
+            return any(sector_overlap(cand, t, near, far) for t in targets)
+        return any(
+            fov_overlap(cand, t, fov_deg, near, far, cone_containment=cone_containment) for t in targets
+        )
+
+    hits = [i for i, cand in enumerate(candidates) if cand is not None and hit(cand)]
+    picks = collapse_runs(hits, groups)
     return picks[-k:] if k else []

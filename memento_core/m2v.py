@@ -16,7 +16,7 @@ CLIP keyframes, each re-encoded one by one into the bank after selection).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .adapters import TextEncoder, VideoVAE, encode_frames
+from .camera import CameraPath
 from .conditioning import (
     ShotMode,
     build_shot,
@@ -35,6 +36,7 @@ from .conditioning import (
 )
 from .dit import WanDiT
 from .errors import ShapeError
+from .fov import CameraPose
 from .fp8 import is_fp8
 from .keyframe_query import KeyframeQuery, split_global_caption
 from .memory import (
@@ -170,17 +172,19 @@ def remember_shot(
     mode: str = "cut",
     policy: MemoryPolicy | None = None,
     tools: MemoryTools | None = None,
+    camera: CameraPath | None = None,
 ) -> Remembered:
     """Add a finished shot to the memory with ``policy`` (default: the bank's own) -> :class:`Remembered`
     (the new bank, the frames kept as the shot, the policy's log fields); ``bank`` is unchanged.
 
     video: [3, F, H, W] every decoded frame; mode: how the shot was made ("cut", "mi2v", "mm2v", "t2v",
-    ...); tools: the VAE (default ``vae``) and, for StoryMem, an image embedder. Memento encodes 8 evenly
-    spaced frames one by one (SPEC 4.6); StoryMem its CLIP keyframes (SPEC 5).
+    ...); tools: the VAE (default ``vae``) and, for StoryMem, an image embedder; camera: the shot's camera
+    path (remembered frames keep the pose of their frame). Memento encodes 8 evenly spaced frames one by
+    one (SPEC 4.6); StoryMem its CLIP keyframes (SPEC 5).
     """
     policy = policy or bank.policy_object()
     tools = tools or MemoryTools(vae)
-    return policy.remember(bank, FinishedShot(video, mode, prompt, shot_index), tools)
+    return policy.remember(bank, FinishedShot(video, mode, prompt, shot_index, camera), tools)
 
 
 def _check_request(req: ShotRequest) -> int:
@@ -223,6 +227,7 @@ def select_memory(
     policy: MemoryPolicy | None = None,
     before_pool: Callable[[str], None] | None = None,
     kfq_precision: str = "auto",
+    targets: Sequence[CameraPose] | None = None,
 ) -> tuple[MemoryBank, Selection | None]:
     """Choose the memory of the next shot with ``policy`` (default: the bank's own) -> (bank for the
     shot, Selection or None for an empty bank).
@@ -232,11 +237,11 @@ def select_memory(
     KeyframeQuery (the most recent frames when the backbone has none); the input bank is unchanged.
     before_pool(pool) runs before a pool's expert is used (to bring that expert onto the device).
     """
-    if not (len(bank.pool("high")) or len(bank.pool("low"))):
+    if not bank.frames():
         return bank, None
     policy = policy or bank.policy_object()
     selectors = _selectors(backbone, prompt_t5, global_t5, before_pool, kfq_precision)
-    return policy.select(bank, SelectionInputs(selectors=selectors))
+    return policy.select(bank, SelectionInputs(selectors=selectors, targets=targets))
 
 
 @dataclass(frozen=True)
@@ -340,6 +345,7 @@ def render_shot(
     policy: MemoryPolicy | None = None,
     tools: MemoryTools | None = None,
     kfq_precision: str = "auto",
+    camera: CameraPath | None = None,
 ) -> tuple[ShotRecord, MemoryBank]:
     """Render one shot with memory and return it with the updated bank (the input bank is unchanged).
 
@@ -355,11 +361,11 @@ def render_shot(
     t0 = time.perf_counter()
     text = encode_shot_text(request, text_encoder)
     bank_for_shot, selection = bank, None
-    if len(bank.pool("high")) or len(bank.pool("low")):
+    if bank.frames():
         global_t5 = text_encoder.encode(split_global_caption(request.prompt))
         bank_for_shot, selection = select_memory(
             backbone, bank, text.prompt, global_t5, policy=policy, before_pool=before_pool,
-            kfq_precision=kfq_precision,
+            kfq_precision=kfq_precision, targets=None if camera is None else camera.targets(request.frames),
         )  # fmt: skip
     timings: dict[str, float] = {"select": time.perf_counter() - t0}
 
@@ -379,8 +385,9 @@ def render_shot(
     t2 = time.perf_counter()
     video = vae.decode(shot.latent)
     remembered = remember_shot(
-        bank_for_shot, vae, video, request.prompt, shot_index, mode=request.mode, policy=policy, tools=tools
-    )
+        bank_for_shot, vae, video, request.prompt, shot_index, mode=request.mode, policy=policy, tools=tools,
+        camera=camera,
+    )  # fmt: skip
     timings["decode_update"] = time.perf_counter() - t2
     record = ShotRecord(
         latent=shot.latent,

@@ -7,6 +7,7 @@ has coloured frames only.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .memory import MemoryBank, Selection
+from .fov import CameraPose
+from .memory import MemoryBank, MemoryFrame, Selection
 
-__all__ = ["MARK_COLORS", "SheetTile", "contact_sheet", "save_png", "selection_rows"]
+__all__ = ["MARK_COLORS", "SheetTile", "camera_map", "contact_sheet", "save_png", "selection_rows"]
 
 #: Border colour (RGB in [0, 1]) of each kind of tile.
 MARK_COLORS: dict[str, tuple[float, float, float]] = {
@@ -144,3 +146,83 @@ def save_png(image: Tensor, path: str | os.PathLike[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr.numpy()).save(out)
     return out
+
+
+def camera_map(
+    frames: Sequence[MemoryFrame],
+    targets: Sequence[CameraPose],
+    chosen: Sequence[str] = (),
+    overlap: dict[str, bool] | None = None,
+    width: int = 640,
+) -> Tensor:
+    """A top-down map of where memory frames were seen from -> image [H, width, 3] in [0, 1] (H <= width).
+
+    Each remembered frame with a pose is a wedge (its position, heading and field of view): grey, blue
+    when its view overlaps the target's, orange when it was chosen; the target cameras are larger green
+    wedges. Frames seen from nearby spots share one label (ids, or first .. last and a count). x grows to
+    the right and z upwards (yaw 0 points up, 90 to the right); a scale bar gives metres.
+    """
+    from PIL import Image, ImageDraw
+
+    posed = [f for f in frames if f.camera is not None]
+    points = [(f.camera.x, f.camera.z) for f in posed] + [(t.x, t.z) for t in targets]  # type: ignore[union-attr]
+    head, margin = 22, 34
+    if not points:
+        img = Image.new("RGB", (width, 80), (24, 26, 30))
+        ImageDraw.Draw(img).text((12, 12), "no camera poses", fill=(220, 220, 220))
+        return torch.from_numpy(np.asarray(img).copy()).float() / 255
+    xs, zs = [p[0] for p in points], [p[1] for p in points]
+    span = max(max(xs) - min(xs), max(zs) - min(zs), 4.0)
+    wedge = 0.07 * span  # wedges scale with the map so they stay visible
+    x0, x1 = min(xs) - 2 * wedge, max(xs) + 2 * wedge
+    z0, z1 = min(zs) - 2 * wedge, max(zs) + 2 * wedge
+    scale = min((width - 2 * margin) / (x1 - x0), (width - head - 2 * margin) / (z1 - z0))
+    height = int(head + 2 * margin + (z1 - z0) * scale)
+    img = Image.new("RGB", (width, height), (24, 26, 30))
+    draw = ImageDraw.Draw(img)
+
+    def px(x: float, z: float) -> tuple[float, float]:
+        return margin + (x - x0) * scale, height - margin - (z - z0) * scale
+
+    def draw_wedge(
+        pose: CameraPose, length: float, fill: tuple[int, int, int], outline: tuple[int, int, int]
+    ) -> None:
+        half = pose.fov / 2
+        arc = [pose.direction(half - pose.fov * i / 12) for i in range(13)]
+        poly = [px(pose.x, pose.z)] + [px(pose.x + length * dx, pose.z + length * dz) for dx, dz in arc]
+        draw.polygon(poly, fill=fill, outline=outline)
+
+    for t in targets:
+        draw_wedge(t, 2 * wedge, (36, 90, 52), (90, 220, 120))
+    chosen_set, overlap = set(chosen), overlap or {}
+    order = sorted(posed, key=lambda f: (f.frame_id in chosen_set, bool(overlap.get(f.frame_id))))
+    for f in order:  # chosen last, on top
+        if f.frame_id in chosen_set:
+            colours = ((200, 110, 30), (255, 170, 60))
+        elif overlap.get(f.frame_id):
+            colours = ((50, 100, 150), (110, 180, 255))
+        else:
+            colours = ((70, 70, 75), (150, 150, 155))
+        draw_wedge(f.camera, wedge, *colours)  # type: ignore[arg-type]
+    clusters: list[tuple[float, float, list[str]]] = []  # frames within 16 px share a label
+    for f in posed:
+        fx, fz = px(f.camera.x, f.camera.z)  # type: ignore[union-attr]
+        for cx, cz, ids in clusters:
+            if abs(cx - fx) < 16 and abs(cz - fz) < 16:
+                ids.append(f.frame_id)
+                break
+        else:
+            clusters.append((fx, fz, [f.frame_id]))
+    for cx, cz, ids in clusters:
+        label = " ".join(ids) if len(ids) <= 3 else f"{ids[0]} .. {ids[-1]} ({len(ids)} frames)"
+        draw.text((min(cx + 6, width - 6 * len(label) - 4), cz + 4), label, fill=(235, 235, 235))
+    draw.text(
+        (8, 5), "target: green   chosen: orange   overlapping: blue   other: grey", fill=(200, 200, 200)
+    )
+    metres = 10 ** math.floor(math.log10(span / 2))
+    bar = metres * scale
+    draw.line(
+        [(width - margin - bar, height - 12), (width - margin, height - 12)], fill=(200, 200, 200), width=2
+    )
+    draw.text((width - margin - bar, height - 26), f"{metres:g} m", fill=(200, 200, 200))
+    return torch.from_numpy(np.asarray(img).copy()).float() / 255

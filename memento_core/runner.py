@@ -58,7 +58,7 @@ from .memory import (
 )
 from .models import ModelSet
 from .offload import ExpertSwap
-from .preview import SheetTile, contact_sheet, save_png, selection_rows
+from .preview import SheetTile, camera_map, contact_sheet, save_png, selection_rows
 from .run_folder import (
     Finished,
     RunFolderError,
@@ -97,9 +97,9 @@ MAX_FRAMES = 1025
 MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 FIRST_SHOT_MODES = ("t2v", "empty", "references")
 CONTINUATIONS = ("mi2v", "mm2v")
-#: The policies a story run can use: their selection needs nothing beyond the KeyframeQuerys (camera
-#: poses in scripts come with the camera-policy work).
-RUNNER_POLICIES = policy_names(without=("targets", "keep_ids"))
+#: The policies a story run can use (the camera policies take each shot's camera from the script;
+#: ``manual`` needs frame ids a script cannot give).
+RUNNER_POLICIES = policy_names(without=("keep_ids",))
 #: RunSettings fields that default to the policy's sampler settings (None: the policy decides).
 SAMPLER_FIELDS = (
     "shift",
@@ -568,8 +568,9 @@ def _render_one(
         latent = result.target
         video = models.vae.decode(latent)
         remembered = remember_shot(
-            bank, models.vae, video, shot.prompt, shot.number + 1, mode=mode, policy=policy, tools=tools
-        )
+            bank, models.vae, video, shot.prompt, shot.number + 1, mode=mode, policy=policy, tools=tools,
+            camera=shot.camera,
+        )  # fmt: skip
         new_bank, kept = remembered.bank, remembered.video
         identity, used, selection = None, {}, None
         positions = {pool: list(range(size[0])) for pool in ("high", "low")}
@@ -595,10 +596,17 @@ def _render_one(
                 backbone, bank, request, models.vae, encoder, previous_video=tail,
                 shot_index=shot.number + 1, device=models.device, callback=progress.step,
                 before_pool=ensure, policy=policy, tools=tools, kfq_precision=settings.kfq_precision,
+                camera=shot.camera,
             )  # fmt: skip
         latent, identity, kept = record.latent, record.identity, record.kept
         used, selection, positions = record.memory_ids, record.selection, record.positions
         entry.update(record.log())
+    targets = [] if shot.camera is None else shot.camera.targets(settings.frames)
+    if targets:
+        entry["camera"] = [pose.to_json() for pose in targets]
+    overlap = {} if selection is None else selection.pool("high").overlap
+    if overlap:
+        entry["overlap"] = overlap
     entry.update({"guidance": {"high": guidance, "low": guidance}, "shift": shot_settings.shift})
     entry["boundary"], entry["steps"] = shot_settings.boundary, shot_settings.steps
 
@@ -619,6 +627,10 @@ def _render_one(
             out / files["identity"],
         )
     save_png(contact_sheet(rows), out / files["memory"])
+    if targets or any(f.camera is not None for f in bank.frames()):
+        files["cameras"] = f"memory/{shot.label}_cameras.png"
+        chosen = used.get("high", [])
+        save_png(camera_map(bank.frames(), targets, chosen, overlap), out / files["cameras"])
     save_state(out / "state", shot.label, new_bank, kept, latent, MOTION_FRAMES)
     entry["files"] = files
     entry["seconds_total"] = round(time.perf_counter() - t0, 3)

@@ -170,7 +170,7 @@ class MementoKeyframeRetrieve(io.ComfyNode):
             )
         glob = (global_caption or "").strip() or split_global_caption(prompt)
         selected, selection = bank, None
-        if len(bank.pool("high")) or len(bank.pool("low")):
+        if bank.frames():
             text = ComfyTextEncoder(clip, node)
             prompt_t5, global_t5 = text.encode(prompt), text.encode(glob)
             check_text_width(prompt_t5, loaded.text_dim, "prompt", node)

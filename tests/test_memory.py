@@ -66,6 +66,7 @@ class FakePose(NamedTuple):
     x: float
     z: float
     yaw: float
+    fov: float = 60.0
 
 
 def fake_storymem_retain(n_frames: int, sink: int = 3, max_frames: int = 8) -> list[int]:
@@ -393,35 +394,35 @@ def test_storymem_clip_embeddings_are_kept_per_frame(monkeypatch: pytest.MonkeyP
     assert MemoryBank.empty().clip_embeddings() is None
 
 
-def test_fov_retrieves_from_pool_and_archive(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[dict[str, Any]] = []
-    answers = iter([[0, 2], [1, 3]])
+def test_fov_retrieves_from_pool_and_archive() -> None:
+    """Hand geometry (FOV 60, views 0.1-30 m): a frame at the target's own pose overlaps, one looking the
+    other way does not; hits that are not neighbours stay apart; the most recent fill the budget."""
+    from memento_core.fov import CameraPose
 
-    def fake_retrieve(candidates: Sequence[Any], targets: Sequence[Any], **kw: Any) -> list[int]:
-        calls.append({"cams": list(candidates), "targets": list(targets), **kw})
-        return next(answers)
-
-    patch_module(monkeypatch, "memento_core.fov", CameraPose=FakePose, retrieve_by_fov=fake_retrieve)
-    cams = [FakePose(float(i), 0.0, 0.0) for i in range(4)]
+    looks_z, looks_back = CameraPose(0, 0, 0), CameraPose(0, 0, 180)
+    cams = [looks_z, looks_back, CameraPose(1, 0, 0), CameraPose(0, -5, 180)]
     bank = MemoryBank.empty("fov", capacity=3).with_references(latents(1), ["hero"])
     bank = bank.with_shot(latents(4), frame_indices=[0, 20, 40, 60], shot_index=1, cameras=cams)
-    target = FakePose(9.0, 9.0, 1.0)
-    b1, sel = bank.select_for_shot(targets=target, fov_deg=60.0, far=5.0)
-    assert calls[0]["k"] == 2 and calls[0]["fov_deg"] == 60.0 and calls[0]["far"] == 5.0
-    assert "near" not in calls[0] and calls[0]["targets"] == [target] and calls[0]["cams"] == cams
+    b1, sel = bank.select_for_shot(targets=looks_z)
+    # s1f0 (same pose) and s1f40 (1 m to the side, same heading) overlap; 2 slots beside the pinned ref
     assert b1.frame_ids("high") == ["ref0", "s1f0", "s1f40"] and b1.pool("low") is b1.pool("high")
-    assert [f.frame_id for f in b1.archive] == ["s1f20", "s1f60"]
-    assert sel.pool("high").evicted_ids == ("s1f20", "s1f60") and sel.pool("high").pinned_ids == ("ref0",)
-    assert len(b1) == 3
+    assert [f.frame_id for f in b1.archive] == ["s1f20", "s1f60"]  # kept: selection never evicts
+    record = sel.pool("high")
+    assert record.overlap == {"s1f0": True, "s1f20": False, "s1f40": True, "s1f60": False}
+    assert record.fov_ids == ("s1f0", "s1f40") and record.pinned_ids == ("ref0",) and len(b1) == 3
 
-    # Archived frames stay candidates: the next shot retrieves s1f20 back.
-    b2 = b1.with_shot(latents(1), frame_indices=[0], shot_index=2, cameras=[FakePose(5.0, 0.0, 0.0)])
-    b2s, _ = b2.select_for_shot(targets=[target])
-    assert [c.x for c in calls[1]["cams"]] == [0.0, 1.0, 2.0, 3.0, 5.0]
-    assert b2s.frame_ids("high") == ["ref0", "s1f20", "s1f60"]
-    assert [f.frame_id for f in b2s.archive] == ["s1f0", "s1f40", "s2f0"]
-    with pytest.raises(MemoryBankError, match="targets"):
-        b2.select_for_shot()
+    # Archived frames stay candidates: looking -z recalls the frames that looked -z. s1f60 and s2f0 are
+    # neighbours in time but of different shots, so both stay; the 2 most recent hits are kept.
+    b2 = b1.with_shot(latents(1), frame_indices=[0], shot_index=2, cameras=[CameraPose(0, -5, 180)])
+    b2s, sel2 = b2.select_for_shot(targets=[looks_back])
+    assert [k for k, v in sel2.pool("high").overlap.items() if v] == ["s1f20", "s1f60", "s2f0"]
+    assert b2s.frame_ids("high") == ["ref0", "s1f60", "s2f0"]
+    assert [f.frame_id for f in b2s.archive] == ["s1f0", "s1f20", "s1f40"]
+    # without a camera: the most recent frames
+    b3, sel3 = b2.select_for_shot()
+    assert b3.frame_ids("high") == ["ref0", "s1f60", "s2f0"] and sel3.pool("high").method.startswith(
+        "fov (no camera"
+    )
 
 
 def test_manual_keeps_listed_frames() -> None:

@@ -225,13 +225,13 @@ def test_sampler_defaults_are_the_released_ones() -> None:
 
 def test_policy_registry() -> None:
     assert set(policy_names()) >= {"memento", "storymem", "fov", "manual"}
-    assert RUNNER_POLICIES == ("memento", "storymem")  # fov / manual need cameras / ids
+    assert RUNNER_POLICIES == ("memento", "storymem", "fov", "memento+fov")  # manual needs frame ids
     assert get_policy("storymem").capacity == 10 and get_policy("memento").capacity == 8
     assert MemoryBank.empty("storymem").capacity == 10 and MemoryBank.empty("storymem").shared
     with pytest.raises(MemoryBankError, match="unknown memory policy 'nope'"):
         MemoryBank.empty("nope")
-    with pytest.raises(RunnerError, match="policy: expected one of memento, storymem"):
-        RunSettings(policy="fov").memory_policy()
+    with pytest.raises(RunnerError, match="policy: expected one of memento, storymem, fov, memento"):
+        RunSettings(policy="manual").memory_policy()
 
 
 def test_run_settings_take_the_policy_defaults_unless_given() -> None:

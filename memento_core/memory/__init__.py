@@ -8,7 +8,7 @@ positions), :mod:`.selection` (selector contract and selection records), :mod:`.
 """
 
 from .bank import MemoryBank
-from .camera_policy import FovPolicy, ManualPolicy
+from .camera_policy import FovPolicy, ManualPolicy, MementoFovPolicy
 from .frames import (
     FRAMES_PER_SHOT,
     LATENT_CHANNELS,
@@ -57,6 +57,7 @@ __all__ = [
     "FovPolicy",
     "ImageEmbedder",
     "ManualPolicy",
+    "MementoFovPolicy",
     "MementoPolicy",
     "MemoryBank",
     "MemoryBankError",

@@ -149,7 +149,8 @@ def owned_latent(t: Tensor) -> Tensor:
 def camera_tuple(camera: object | None) -> list[float] | None:
     if camera is None:
         return None
-    return [float(camera.x), float(camera.z), float(camera.yaw)]  # type: ignore[attr-defined]
+    fov = float(getattr(camera, "fov", 60.0))
+    return [float(camera.x), float(camera.z), float(camera.yaw), fov]  # type: ignore[attr-defined]
 
 
 def stack_latents(frames: Sequence[MemoryFrame]) -> Tensor:

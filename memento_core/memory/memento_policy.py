@@ -61,6 +61,7 @@ class MementoPolicy(MemoryPolicy):
     """
 
     name: ClassVar[str] = "memento"
+    menu_order: ClassVar[int] = 0
     shared_pool: ClassVar[bool] = False
     summary: ClassVar[str] = "a pool per expert, chosen by its KeyframeQuery (6 local + 2 global)"
     fix_option: ClassVar[str | None] = "fix"
@@ -158,6 +159,7 @@ class MementoPolicy(MemoryPolicy):
             frame_indices=indices,
             prompt=shot.prompt,
             shot_index=shot.shot_index,
+            cameras=shot.cameras(video, indices),
             frames_per_shot=video.shape[1],
         )
         return Remembered(new, video, {})

@@ -248,9 +248,9 @@ def _bank_from_payload(meta: Mapping[str, Any], tensors: Mapping[str, Tensor]) -
 def _camera_from(value: Sequence[float] | None) -> CameraPose | None:
     if value is None:
         return None
-    x, z, yaw = (float(v) for v in value)
-    if not all(math.isfinite(v) for v in (x, z, yaw)):
-        raise MemoryBankError(f"camera pose {list(value)} is not finite")
+    numbers = [float(v) for v in value]
+    if len(numbers) not in (3, 4) or not all(math.isfinite(v) for v in numbers):
+        raise MemoryBankError(f"camera pose {list(value)}: expected finite [x, z, yaw(, fov)]")
     from ..fov import CameraPose
 
-    return CameraPose(x=x, z=z, yaw=yaw)
+    return CameraPose(*numbers)  # banks written before poses kept their FOV: 60

@@ -13,6 +13,7 @@ Policies: ``memento`` (:mod:`.memento_policy`), ``storymem`` (:mod:`.storymem_po
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -24,6 +25,8 @@ from .positions import STORYMEM_SPACING, PositionScheme
 from .selection import Selection, SelectionInputs
 
 if TYPE_CHECKING:
+    from ..camera import CameraPath
+    from ..fov import CameraPose
     from ..keyframes import AestheticScorer
 
 __all__ = [
@@ -96,12 +99,22 @@ class MemoryTools:
 class FinishedShot:
     """A rendered shot for the memory update. video: [3, F, H, W] in [-1, 1], every decoded frame;
     mode: how it was made ("t2v", "cut", "mi2v", "mm2v", "empty", "references"); prompt: its prompt
-    (the caption of its frames); shot_index: 1-based story shot number used in frame ids (None: next)."""
+    (the caption of its frames); shot_index: 1-based story shot number used in frame ids (None: next);
+    camera: the shot's camera path (``camera.CameraPath``), so remembered frames keep their pose."""
 
     video: Tensor
     mode: str
     prompt: str = ""
     shot_index: int | None = None
+    camera: CameraPath | None = None
+
+    def cameras(self, kept: Tensor, indices: Sequence[int]) -> list[CameraPose] | None:
+        """The camera pose of each remembered frame: ``indices`` into the ``kept`` frames (the policy may
+        have dropped leading frames of ``video``), looked up along the shot's camera path."""
+        if self.camera is None:
+            return None
+        dropped = self.video.shape[1] - kept.shape[1]
+        return [self.camera.pose_at(dropped + int(i)) for i in indices]
 
 
 @dataclass(frozen=True)
@@ -124,8 +137,9 @@ class MemoryPolicy(ABC):
     shared_pool: ClassVar[bool]
     #: True when :meth:`remember` needs ``MemoryTools.embedder``.
     needs_embedder: ClassVar[bool] = False
-    #: A short description for menus and logs.
+    #: A short description for menus and logs, and the place in menus (lowest first).
     summary: ClassVar[str] = ""
+    menu_order: ClassVar[int] = 50
     #: The ``SelectionInputs`` fields :meth:`select` cannot do without ("targets": camera poses,
     #: "keep_ids": a list of frames); the story runner offers the policies that need none of these.
     requires: ClassVar[tuple[str, ...]] = ()

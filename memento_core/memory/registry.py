@@ -28,9 +28,10 @@ def register_policy(cls: type[MemoryPolicy]) -> type[MemoryPolicy]:
 
 
 def policy_names(without: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Registered policy names in registration order; ``without``: leave out the policies whose
+    """Registered policy names in menu order; ``without``: leave out the policies whose
     selection requires one of these inputs (e.g. ``("targets", "keep_ids")`` for a runner without cameras)."""
-    return tuple(name for name, cls in _POLICIES.items() if not set(cls.requires) & set(without))
+    names = [name for name, cls in _POLICIES.items() if not set(cls.requires) & set(without)]
+    return tuple(sorted(names, key=lambda name: _POLICIES[name].menu_order))
 
 
 def policy_class(name: str) -> type[MemoryPolicy]:

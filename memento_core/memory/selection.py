@@ -50,10 +50,12 @@ class PoolSelection:
     """What a selection did to one pool (for logs and previews).
 
     method: "kfq" (KeyframeQuery picks), "all" (no more than capacity: kept as is), "storymem" (sink +
-    recent), "fov" (camera retrieval) or "manual" (user list). frame_ids: the pool after selection,
+    recent), "fov" (camera retrieval), "memento+fov" or "manual" (user list). frame_ids: the pool after
+    selection,
     ordered by abs_frame; chosen_ids: the unpinned frames kept; local_ids / global_ids: KFQ's picks
     (kfq only); pinned_ids: pinned frames (always kept); evicted_ids: frames that left the pool
-    (dropped in memento/storymem, moved to the bank's archive in fov/manual).
+    (dropped in memento/storymem, moved to the bank's archive in fov/manual); fov_ids: frames kept because
+    their view overlaps the shot's camera; overlap: every candidate's id -> whether it overlaps.
     """
 
     pool: str
@@ -64,9 +66,11 @@ class PoolSelection:
     global_ids: tuple[str, ...] = ()
     pinned_ids: tuple[str, ...] = ()
     evicted_ids: tuple[str, ...] = ()
+    fov_ids: tuple[str, ...] = ()
+    overlap: dict[str, bool] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "pool": self.pool,
             "method": self.method,
             "frame_ids": list(self.frame_ids),
@@ -76,6 +80,9 @@ class PoolSelection:
             "pinned_ids": list(self.pinned_ids),
             "evicted_ids": list(self.evicted_ids),
         }
+        if self.overlap or self.fov_ids:  # camera policies: which candidates overlap, which came from it
+            out |= {"fov_ids": list(self.fov_ids), "overlap": dict(self.overlap)}
+        return out
 
 
 @dataclass(frozen=True)

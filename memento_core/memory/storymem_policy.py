@@ -47,6 +47,7 @@ class StoryMemPolicy(MemoryPolicy):
     """
 
     name: ClassVar[str] = "storymem"
+    menu_order: ClassVar[int] = 1
     shared_pool: ClassVar[bool] = True
     needs_embedder: ClassVar[bool] = True
     summary: ClassVar[str] = "one pool: CLIP keyframes, the first 3 kept + the most recent (10 in all)"
@@ -139,6 +140,7 @@ class StoryMemPolicy(MemoryPolicy):
                 frame_indices=indices,
                 prompt=shot.prompt,
                 shot_index=shot.shot_index,
+                cameras=shot.cameras(video, indices),
                 clip_embeddings=embeddings.float().contiguous(),
                 frames_per_shot=video.shape[1],
             )

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..camera import CameraError, CameraPath, parse_camera
 from ..errors import MementoError
 from ..keyframe_query import split_global_caption
 
@@ -43,7 +44,7 @@ class StoryShot:
     scene: the scene's ``scene_num``; index_in_scene: 0-based position within the scene (Memento seeds
     a shot with ``seed + index_in_scene``); number: 0-based position in the whole story; cut: True for a
     hard cut, False to continue from the previous shot's last frame; global_caption: the text the
-    KeyframeQuery's global queries read (SPEC 4.7 rule).
+    KeyframeQuery's global queries read (SPEC 4.7 rule); camera: the shot's camera (SPEC 6) or None.
     """
 
     scene: int
@@ -53,6 +54,7 @@ class StoryShot:
     global_caption: str
     cut: bool
     first_frame_prompt: str | None = None
+    camera: CameraPath | None = None
 
     @property
     def label(self) -> str:
@@ -84,6 +86,8 @@ class Story:
             scene = scenes.setdefault(s.scene, {"scene_num": s.scene, "video_prompts": [], "cut": []})
             scene["video_prompts"].append(s.prompt)
             scene["cut"].append(s.cut)
+            if any(o.camera is not None for o in self.shots if o.scene == s.scene):
+                scene.setdefault("camera", []).append(None if s.camera is None else s.camera.to_json())
         out: dict[str, Any] = {"story_name": self.name}
         if self.overview is not None:
             out["story_overview"] = self.overview
@@ -188,6 +192,7 @@ def parse_story(data: str | Mapping[str, Any], source: str = "<text>") -> Story:
             cuts = [*cuts, *[True] * (len(prompts) - len(cuts))]
         first = scene.get("first_frame_prompt")
         firsts = [] if first is None else _strings(first, f"{where}.first_frame_prompt", fail)
+        cameras = _cameras(scene.get("camera"), f"{where}.camera", len(prompts), source, fail)
         for j, (prompt, cut) in enumerate(zip(prompts, cuts, strict=True)):
             shots.append(
                 StoryShot(
@@ -198,6 +203,7 @@ def parse_story(data: str | Mapping[str, Any], source: str = "<text>") -> Story:
                     global_caption=split_global_caption(prompt),
                     cut=cut,
                     first_frame_prompt=firsts[j] if j < len(firsts) else None,
+                    camera=cameras[j],
                 )
             )
     return Story(
@@ -208,6 +214,26 @@ def parse_story(data: str | Mapping[str, Any], source: str = "<text>") -> Story:
         source=source,
         warnings=tuple(warnings),
     )
+
+
+def _cameras(value: Any, field: str, n: int, source: str, fail: Any) -> list[CameraPath | None]:
+    """``scenes[i].camera``: a list aligned with the prompts (null entries: no camera); shorter lists
+    leave the remaining shots without a camera."""
+    if value is None:
+        return [None] * n
+    if not isinstance(value, list):
+        raise fail(field, f"a list of up to {n} cameras (one per video prompt; null for none)", value)
+    if len(value) > n:
+        raise StoryError(
+            f"story script {source}: field '{field}': has {len(value)} entries but there are {n} video "
+            "prompts"
+        )
+    try:
+        cameras = [parse_camera(entry, f"{field}[{j}]") for j, entry in enumerate(value)]
+    except CameraError as exc:
+        where, _, what = str(exc).partition(": ")
+        raise StoryError(f"story script {source}: field '{where}': {what}") from exc
+    return cameras + [None] * (n - len(cameras))
 
 
 def _strings(value: Any, field: str, fail: Any) -> list[str]:
