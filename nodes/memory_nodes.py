@@ -35,7 +35,14 @@ from ..memento_core.preview import SheetTile, contact_sheet, selection_rows
 from ..memento_core.runner import RUNNER_POLICIES
 from .comfy_adapters import ComfyImageEmbedder, ComfyVideoVAE, approx_decode, image_to_video, video_to_image
 from .errors import check_finite, check_image, check_text_path, node_errors
-from .types import MemoryBankSocket, MemorySelection, MemorySelectionSocket, require_bank
+from .types import (
+    CameraTrajectorySocket,
+    MemoryBankSocket,
+    MemorySelection,
+    MemorySelectionSocket,
+    require_bank,
+    require_camera,
+)
 
 CATEGORY = "Memento"
 #: The policies a node graph can run (their selection needs only the KeyframeQuerys).
@@ -205,6 +212,12 @@ class MementoUpdateMemory(io.ComfyNode):
                     optional=True,
                     tooltip="How the shot continued (as given to Generate Shot), when 'cut' is off.",
                 ),
+                CameraTrajectorySocket.Input(
+                    "camera",
+                    optional=True,
+                    tooltip="The shot's camera (Camera Trajectory): each remembered frame keeps the pose of "
+                    "its frame, for the camera policies.",
+                ),
             ],
             outputs=[
                 MemoryBankSocket.Output("memory_bank", display_name="memory_bank"),
@@ -230,6 +243,7 @@ class MementoUpdateMemory(io.ComfyNode):
         clip_vision: Any = None,
         cut: bool = True,
         continue_with: str = "last frame (MI2V)",
+        camera: Any = None,
     ) -> io.NodeOutput:
         """New bank = memory's bank + this shot's frames; the input bank is unchanged."""
         node = cls.NODE
@@ -283,6 +297,7 @@ class MementoUpdateMemory(io.ComfyNode):
                 mode=mode,
                 policy=policy,
                 tools=MemoryTools(adapter, embedder),
+                camera=require_camera(camera, "camera", node),
             )
         return io.NodeOutput(remembered.bank, video_to_image(remembered.video))
 

@@ -45,7 +45,7 @@ from ..memento_core.m2v import KFQ_PRECISIONS, ShotRequest, generate_shot, selec
 from ..memento_core.memory import SCHEMES
 from ..memento_core.memory.memento_policy import STORYMEM_MODE_SPACING
 from ..memento_core.memory.positions import STORYMEM_SPACING
-from ..memento_core.preview import contact_sheet
+from ..memento_core.preview import camera_map, contact_sheet
 from ..memento_core.sampling import SOLVERS, SamplingCancelled, StepInfo
 from ..memento_core.shot import MEMORY_NOISE, NOISE_SOURCES, ShotSettings, ShotText
 from .backbone_nodes import compute_device, experts_on_device, require_backbone
@@ -53,11 +53,14 @@ from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE, conditioning_tensor
 from .errors import check_image, node_errors
 from .memory_nodes import preview_decoder, selection_sheet_rows
 from .types import (
+    CameraTrajectorySocket,
     MementoBackboneSocket,
     MemoryBankSocket,
     MemorySelection,
     MemorySelectionSocket,
+    camera_targets,
     require_bank,
+    require_camera,
     require_selection,
 )
 
@@ -133,11 +136,18 @@ class MementoKeyframeRetrieve(io.ComfyNode):
                     tooltip="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in bf16, "
                     "as released), fp32 or bf16 (near-tied picks can differ).",
                 ),
+                CameraTrajectorySocket.Input(
+                    "camera",
+                    optional=True,
+                    tooltip="The shot's camera (Camera Trajectory): the camera policies (fov, memento+fov) "
+                    "recall the frames whose view overlaps it.",
+                ),
             ],
             outputs=[
                 MemorySelectionSocket.Output("selection", display_name="selection"),
                 MemoryBankSocket.Output("selected_bank", display_name="selected_bank"),
                 io.Image.Output("preview", display_name="preview"),
+                io.Image.Output("camera_map", display_name="camera_map"),
             ],
         )
 
@@ -152,6 +162,7 @@ class MementoKeyframeRetrieve(io.ComfyNode):
         vae: Any = None,
         fix: int = -1,
         kfq_precision: str = "auto",
+        camera: Any = None,
     ) -> io.NodeOutput:
         """Select; the input bank is unchanged."""
         node = cls.NODE
@@ -169,6 +180,7 @@ class MementoKeyframeRetrieve(io.ComfyNode):
                 f"{node}: 'prompt' is empty; give the shot's prompt (the memory is chosen for it)."
             )
         glob = (global_caption or "").strip() or split_global_caption(prompt)
+        targets = camera_targets(require_camera(camera, "camera", node))
         selected, selection = bank, None
         if bank.frames():
             text = ComfyTextEncoder(clip, node)
@@ -177,11 +189,13 @@ class MementoKeyframeRetrieve(io.ComfyNode):
             with node_errors(node), experts_on_device(loaded) as ensure:
                 selected, selection = select_memory(
                     loaded.backbone, bank, prompt_t5, global_t5, policy=policy, before_pool=ensure,
-                    kfq_precision=kfq_precision,
+                    kfq_precision=kfq_precision, targets=targets,
                 )  # fmt: skip
         result = MemorySelection(selected, bank, selection, prompt, glob)
         sheet = contact_sheet(selection_sheet_rows(result, preview_decoder(vae, node)), tile_height=120)
-        return io.NodeOutput(result, selected, sheet[None])
+        overlap = {} if selection is None else selection.pool("high").overlap
+        cameras = camera_map(bank.frames(), targets or [], selected.frame_ids("high"), overlap)
+        return io.NodeOutput(result, selected, sheet[None], cameras[None])
 
 
 class MementoGenerateShot(io.ComfyNode):

@@ -21,6 +21,7 @@ from ..memento_core.m2v import Backbone
 from ..memento_core.memory import MemoryBank, Selection
 
 __all__ = [
+    "CameraTrajectorySocket",
     "LoadedBackbone",
     "MementoBackboneSocket",
     "MemoryBankSocket",
@@ -33,6 +34,8 @@ __all__ = [
 MementoBackboneSocket = io.Custom("MEMENTO_BACKBONE")
 MemoryBankSocket = io.Custom("MEMORY_BANK")
 MemorySelectionSocket = io.Custom("MEMORY_SELECTION")
+#: -> :class:`memento_core.camera.CameraPath` (a shot's camera: one pose or keyframes along its frames).
+CameraTrajectorySocket = io.Custom("CAMERA_TRAJECTORY")
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,17 @@ def require_selection(value: Any, node: str) -> MemorySelection:
             "Keyframe Query Retrieve."
         )
     return value
+
+
+def require_camera(value: Any, name: str, node: str) -> Any:
+    """``value`` as a CameraPath (or None when not connected), or a readable ValueError."""
+    from ..memento_core.camera import CameraPath
+
+    if value is None or isinstance(value, CameraPath):
+        return value
+    raise ValueError(f"{node}: the '{name}' input is not a camera; connect Camera Trajectory.")
+
+
+def camera_targets(path: Any) -> list[Any] | None:
+    """The poses a shot with camera ``path`` is retrieved for (start, middle, end of its keyed frames)."""
+    return None if path is None else path.targets(path.keys[-1][0] + 1)

@@ -75,6 +75,7 @@ WORKFLOWS: dict[str, tuple[str, str]] = {
     "memento_reference_images": ("Memento: reference images", "MR2V: references as pinned memory"),
     "storymem_continuation": ("StoryMem continuation", "hard cut, then MI2V from the last frame"),
     "memento_render_story": ("Memento: render a story", "a whole script in one node, resumable"),
+    "memento_camera_story": ("Cameras: back to a place", "memory recalled by camera overlap"),
 }
 
 GROUP_COLORS = ("#3f789e", "#a1309b", "#b58b2a", "#8a8", "#444")
@@ -595,11 +596,81 @@ def render_story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     return a.build()
 
 
+CAMERA_STORY_FILE = REPO_ROOT / "example_stories" / "clockmaker_returns.json"
+
+
+def camera_story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
+    """Render Story with the memento+fov policy on a story whose script gives each shot's camera."""
+    story = json.loads(CAMERA_STORY_FILE.read_text(encoding="utf-8"))
+    a = Author(object_info)
+    m = loaders(a)
+    a.start(
+        "Cameras: back to a place",
+        "The clockmaker leaves his workshop for the garden and comes back. The script gives each shot a "
+        "camera (scenes[].camera: {x, z, yaw, fov} on the ground plane, or poses along the shot). With "
+        "policy memento+fov (Context-as-Memory's retrieval on Memento's model) every earlier frame stays "
+        "in the memory bank; a shot first recalls the frames whose view overlaps its camera (the workshop "
+        "shots, when the last shot is back in the workshop facing the window, not the recent garden "
+        "shots), then each expert's KeyframeQuery picks among them. memory/*_cameras.png in the output "
+        "folder maps where each remembered frame was seen from and which were chosen. Policy fov keeps "
+        "only the overlap (one frame per run of a shot, the most recent 8).",
+        GROUP_COLORS[0],
+    )
+    script = a.node(
+        "PrimitiveStringMultiline",
+        title="Story script with cameras (JSON)",
+        value=json.dumps(story, indent=2) + "\n",
+    )
+    render = a.node(
+        "MementoRenderStory",
+        title="Render Story (memento+fov)",
+        backbone=m.backbone,
+        clip=m.clip,
+        vae=m.vae,
+        path="",
+        text=script,
+        output_folder="memento/clockmaker_returns",
+        if_exists="resume",
+        width=WIDTH,
+        height=HEIGHT,
+        frames=FRAMES,
+        steps=STEPS,
+        seed=SEED,
+        shift=SHIFT,
+        boundary=BOUNDARY,
+        cfg=CFG,
+        cut_cfg=CUT_CFG,
+        solver="unipc",
+        first_shot="empty memory",
+        identity=True,
+        max_shots=0,
+        negative=NEGATIVE,
+        t2v_high="None",
+        t2v_low="None",
+        policy="memento+fov",
+        sampler_settings="policy defaults",
+    )
+    a.node(
+        "SaveVideo",
+        title="Story video",
+        video=render["story"],
+        filename_prefix="memento/clockmaker_story",
+        format="mp4",
+        codec="h264",
+    )
+    finish(
+        a, m, render["memory_bank"], "memento/clockmaker_memory",
+        FINISH_NOTE.format(prefix="memento/clockmaker_memory"),
+    )  # fmt: skip
+    return a.build()
+
+
 BUILDERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
     "memento_3_shot_story": story_workflow,
     "memento_reference_images": reference_workflow,
     "storymem_continuation": storymem_workflow,
     "memento_render_story": render_story_workflow,
+    "memento_camera_story": camera_story_workflow,
 }
 
 

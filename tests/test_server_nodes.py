@@ -35,6 +35,7 @@ MEMENTO_NODES = (
     "MementoMemoryPreview",
     "MementoKeyframeRetrieve",
     "MementoGenerateShot",
+    "MementoCameraTrajectory",
     "MementoLoadStoryScript",
     "MementoRenderStory",
     "MementoStoryConsistency",
@@ -97,7 +98,7 @@ def test_object_info_lists_every_memento_node(server: ComfyServer, comfy_host) -
     assert generate["first_frame"].optional and generate["first_frame"].type == "IMAGE"
     assert generate["selection"].type == "MEMORY_SELECTION" and generate["positive"].type == "CONDITIONING"
     assert info["MementoGenerateShot"]["output"] == ["LATENT", "IMAGE"]
-    assert info["MementoKeyframeRetrieve"]["output"] == ["MEMORY_SELECTION", "MEMORY_BANK", "IMAGE"]
+    assert info["MementoKeyframeRetrieve"]["output"] == ["MEMORY_SELECTION", "MEMORY_BANK", "IMAGE", "IMAGE"]
     assert info["MementoLoadStoryScript"]["output"] == ["STRING", "STRING", "BOOLEAN", "STRING", "INT", "INT"]
     assert info["MementoSaveMemoryBank"]["output_node"] is True
     assert info["MementoRenderStory"]["output"] == ["VIDEO", "MEMORY_BANK", "STRING"]
