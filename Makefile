@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo workflows lint format bench clean-cache
+.PHONY: setup test demo workflows lint format bench bench-gpu clean-cache
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -36,6 +36,10 @@ bench: setup
 	PYTHONPATH=. $(PY) bench/bench_memory_forward.py
 	PYTHONPATH=. $(PY) bench/bench_lora_merge.py
 	PYTHONPATH=. $(PY) bench/bench_load.py
+
+# The GPU benchmark (issue 14): real A14B shapes, random weights made on the GPU; `--tiny` on a CPU.
+bench-gpu: setup
+	PYTHONPATH=. $(PY) bench/bench_gpu.py $(BENCH_ARGS)
 
 clean-cache:
 	rm -rf "$${MEMENTO_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/comfyui-memento}" .venv .comfyui

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import TinyImageEmbedder
+from .attention import ATTENTION_CHOICES
 from .errors import MementoError
 from .evaluate import EvaluateError, evaluate_run
 from .m2v import KFQ_PRECISIONS
@@ -120,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
         help="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in bf16, as released), "
         "fp32 or bf16",
     )
+    fast = p.add_argument_group("GPU fast paths (each checked against the safe path on the GPU first)")
+    fast.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        help="attention backend (default: the model config's, else auto: SageAttention or flash-attn "
+        "when installed and agreeing with SDPA, else SDPA)",
+    )
+    fast.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     p.add_argument("--verbose", "-v", action="store_true", help="show the traceback of an error")
     p.add_argument(
@@ -139,10 +148,16 @@ def cli(argv: Sequence[str] | None = None) -> int:
         story = load_story(args.story)
         if config:
             model_config = load_model_config(config)
-            models = real_models(model_config)
+            models = real_models(model_config, args.width, args.height, args.frames)
             defaults: dict[str, Any] = dict(model_config.run_settings())
         else:
             models, defaults = tiny_models(), dict(TINY_DEFAULTS)
+        if args.attention or args.compile:
+            models.fast_paths = replace(
+                models.fast_paths,
+                attention=args.attention or models.fast_paths.attention,
+                compile=args.compile or models.fast_paths.compile,
+            )
         # every given value is validated, never replaced: 0 is an error, not "the default"
         given = {
             k: getattr(args, k)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import SDPA, AttentionBackend, sdpa_attention
 from .errors import ShapeError
 
 __all__ = ["DiTConfig", "Segments", "WanDiT", "rope_cos_sin", "sinusoidal_embedding"]
@@ -184,15 +185,17 @@ def _layer_norm(x: Tensor, eps: float) -> Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Multi-head attention. q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+_attention = sdpa_attention  # q: [B, Lq, H, D], k/v: [B, Lk, H, D] -> [B, Lq, H, D]
 
 
 class AttentionLayout(nn.Module):
     """Wan's attention parameters: ``q, k, v, o`` (Linear dim -> dim) and ``norm_q``, ``norm_k``
-    (RMSNorm over the whole width). Shared by self-, cross- and KeyframeQuery attention."""
+    (RMSNorm over the whole width). Shared by self-, cross- and KeyframeQuery attention.
+
+    ``attend`` is the attention backend (``memento_core.attention``; SDPA unless
+    :meth:`WanDiT.set_attention` chose another). It is a plain attribute, not a parameter."""
+
+    attend: AttentionBackend = SDPA
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -218,21 +221,23 @@ class SelfAttention(AttentionLayout):
         k = apply_rope(self.norm_k(self.k(x)).view(b, n, *heads), *rope)
         v = self.v(x).view(b, n, *heads)
         if segments.identity == 0:
-            out = _attention(q, k, v)
+            out = self.attend(q, k, v)
         else:
-            out = _split_attention(q, k, v, segments.identity, segments.memory)
+            out = _split_attention(q, k, v, segments.identity, segments.memory, self.attend)
         return self.o(out.flatten(2))
 
 
-def _split_attention(q: Tensor, k: Tensor, v: Tensor, n_id: int, n_mem: int) -> Tensor:
+def _split_attention(
+    q: Tensor, k: Tensor, v: Tensor, n_id: int, n_mem: int, attend: AttentionBackend = SDPA
+) -> Tensor:
     """SPEC 4.4: SA1 over [identity + memory], SA2 over [memory + target].
 
     Identity tokens take SA1, target tokens SA2, memory tokens the mean of both, so identity and
     target never attend to each other directly. q, k, v: [B, L, H, D]; n_id, n_mem: token counts.
     """
     head = n_id + n_mem
-    sa1 = _attention(q[:, :head], k[:, :head], v[:, :head])
-    sa2 = _attention(q[:, n_id:], k[:, n_id:], v[:, n_id:])
+    sa1 = attend(q[:, :head], k[:, :head], v[:, :head])
+    sa2 = attend(q[:, n_id:], k[:, n_id:], v[:, n_id:])
     memory = 0.5 * sa1[:, n_id:] + 0.5 * sa2[:, :n_mem]
     return torch.cat([sa1[:, :n_id], memory, sa2[:, n_mem:]], dim=1)
 
@@ -244,7 +249,7 @@ class CrossAttention(AttentionLayout):
         b = context.shape[0]
         k = self.norm_k(self.k(context)).view(b, context.shape[1], self.num_heads, -1)
         v = self.v(context).view(b, context.shape[1], self.num_heads, -1)
-        return _attention(q, k, v)
+        return self.attend(q, k, v)
 
     def forward(self, x: Tensor, context: Tensor, context_identity: Tensor | None, n_id: int) -> Tensor:
         """x: [B, L, dim]; context, context_identity: [B, text_len, dim] (already embedded).
@@ -346,6 +351,18 @@ class WanDiT(nn.Module):
     @property
     def weight_dtype(self) -> torch.dtype:
         return compute_dtype(self.blocks[0].self_attn.q) if len(self.blocks) else torch.float32
+
+    @property
+    def attention(self) -> AttentionBackend:
+        """The attention backend of the self- and cross-attention layers (SDPA by default)."""
+        return self.blocks[0].self_attn.attend if len(self.blocks) else SDPA
+
+    def set_attention(self, backend: AttentionBackend) -> None:
+        """Use ``backend`` (see :func:`memento_core.attention.resolve_attention`) in every block's self-
+        and cross-attention, split attention included."""
+        for module in self.modules():
+            if isinstance(module, (SelfAttention, CrossAttention)):
+                module.attend = backend
 
     def embed_text(self, context: Tensor) -> Tensor:
         """Zero-pad a T5 output to ``text_len`` tokens and embed it.

@@ -16,6 +16,7 @@ import torch
 
 from .adapters import TextEncoder, TinyImageEmbedder, TinyTextEncoder, TinyVAE, VideoVAE
 from .dit import WanDiT
+from .fast_paths import FastPaths, apply_fast_paths
 from .fp8 import quantize_fp8
 from .keyframe_query import KeyframeQuery
 from .loading import load_dit
@@ -40,9 +41,13 @@ class ModelSet:
     needs, None when none is configured; scorer: an optional aesthetic scorer for StoryMem's filter;
     device: where sampling runs; swap_experts: the loaders leave the experts on the CPU and only the
     expert being sampled is moved to ``device`` (``memento_core.offload.ExpertSwap``), so one GPU holds
-    one 14B expert at a time. placement: when given, it places the backbone's experts for a memory shot
+    one 14B expert at a time; swap_blocks (with swap_experts): the last ``swap_blocks`` blocks of the
+    active expert stay on the CPU and come in one at a time (``memento_core.offload.BlockSwap``).
+    placement: when given, it places the backbone's experts for a memory shot
     instead (a context manager yielding ``ensure(pool)``, called before a pool's KeyframeQuery runs);
-    the ComfyUI node passes ComfyUI's model management here.
+    the ComfyUI node passes ComfyUI's model management here. fast_paths: attention backend, fp8
+    compute and torch.compile (``memento_core.fast_paths``), put on every expert when it is loaded;
+    the notices of what fell back to the safe path are kept in ``notices``.
     """
 
     kind: str
@@ -53,17 +58,33 @@ class ModelSet:
     load_t2v: Callable[[], tuple[WanDiT, WanDiT]] | None = None
     device: str = "cpu"
     swap_experts: bool = False
+    swap_blocks: int = 0
     placement: Callable[[Backbone], AbstractContextManager[Callable[[str], None] | None]] | None = None
     family: str = "memento"
     load_embedder: Callable[[], ImageEmbedder] | None = None
     scorer: AestheticScorer | None = None
+    fast_paths: FastPaths = field(default_factory=FastPaths)
+    notices: list[str] = field(default_factory=list)
     _backbone: Backbone | None = field(default=None, repr=False)
     _embedder: ImageEmbedder | None = field(default=None, repr=False)
 
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            self._backbone = self.load_backbone()
+            backbone = self.load_backbone()
+            self.apply_fast_paths(backbone.high, backbone.low)
+            self._backbone = backbone
         return self._backbone
+
+    def apply_fast_paths(self, *experts: WanDiT) -> None:
+        """Put :attr:`fast_paths` on ``experts`` (checks run on :attr:`device`); notices are kept."""
+        seen: set[int] = set()
+        for expert in experts:
+            if id(expert) in seen:
+                continue
+            seen.add(id(expert))
+            for notice in apply_fast_paths(expert, self.fast_paths, self.device):
+                if notice not in self.notices:
+                    self.notices.append(notice)
 
     def embedder(self) -> ImageEmbedder | None:
         """The image embedder (built on first use), or None when none is configured."""

@@ -11,6 +11,13 @@ Modes (``OFFLOAD_MODES``):
   stay on the offload device and are moved in right before their forward and back right after
   (:class:`BlockSwap`); the next swapped block is prefetched when the current one starts.
 
+How a block moves is a transfer object. On a CUDA device :class:`StreamedTransfer` keeps the swapped
+blocks' weights in pinned host memory, copies the next block in on a side CUDA stream while the current
+block computes (the compute stream waits on an event only right before that block's forward), and
+"moves back" by dropping the device copy: weights do not change during sampling, so nothing is copied
+device -> host. Elsewhere (and for any custom ``mover``) :class:`MoverTransfer` calls
+``mover(module, device)`` synchronously, which lets CPU tests record where every weight is.
+
 Nothing here knows about ComfyUI: the actual moves go through callables (``activate`` for a whole
 expert, ``mover`` for a block), so ComfyUI's model management can do them (``nodes/``), and tests can
 record where every weight is at each step on a CPU-only machine. Hooks are attached only inside the
@@ -34,6 +41,8 @@ __all__ = [
     "OFFLOAD_MODES",
     "BlockSwap",
     "ExpertSwap",
+    "MoverTransfer",
+    "StreamedTransfer",
     "move_module",
     "resident_modules",
     "swapped_blocks",
@@ -87,11 +96,101 @@ def resident_modules(dit: WanDiT, n_swap: int = 0, extra: Mapping[str, nn.Module
     return _Resident(parts)
 
 
+class MoverTransfer:
+    """Synchronous moves through ``mover(module, device)`` (default :func:`move_module`)."""
+
+    def __init__(
+        self, device: torch.device | str, offload_device: torch.device | str, mover: Mover | None = None
+    ):
+        self.device, self.offload_device = device, offload_device
+        self.mover = mover or move_module
+
+    def prepare(self, blocks: Sequence[nn.Module]) -> None:
+        """Nothing to prepare: blocks are wherever the caller left them (the offload device)."""
+
+    def bring(self, block: nn.Module) -> None:
+        self.mover(block, self.device)
+
+    def ready(self, block: nn.Module) -> None:
+        """Nothing to wait for: :meth:`bring` was synchronous."""
+
+    def send_back(self, block: nn.Module) -> None:
+        self.mover(block, self.offload_device)
+
+    def restore(self) -> None:
+        """Nothing to restore."""
+
+
+class StreamedTransfer:
+    """Pinned host weights, host -> device copies on a side stream, device copies dropped on the way back.
+
+    prepare(blocks): each parameter/buffer of the blocks is made a pinned host tensor (pinning only when
+    CUDA is present, once: the pinned tensor replaces the pageable one for the model's lifetime, so the
+    host never holds two copies) and remembered as the block's host copy. bring(block): on the side
+    stream, allocate device tensors, copy in (non-blocking), record an event. ready(block): the compute
+    stream waits for that event, and the tensors are marked used by it, so the allocator never hands
+    their memory to the next copy too early. send_back(block): ``.data`` is the host copy again.
+    Without CUDA (``device`` on the CPU) the same bookkeeping runs with synchronous copies.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._host: dict[int, torch.Tensor] = {}  # id(parameter or buffer) -> its (pinned) host tensor
+        self._events: dict[int, Any] = {}
+
+    def _tensors(self, block: nn.Module) -> list[torch.Tensor]:
+        return [*block.parameters(), *block.buffers()]
+
+    def prepare(self, blocks: Sequence[nn.Module]) -> None:
+        pin = torch.cuda.is_available()
+        for block in blocks:
+            for t in self._tensors(block):
+                host = t.data.to("cpu")
+                if pin and not host.is_pinned():
+                    host = host.pin_memory()
+                self._host[id(t)] = host
+                t.data = host
+
+    def bring(self, block: nn.Module) -> None:
+        if self.stream is None:
+            for t in self._tensors(block):
+                t.data = self._host[id(t)].to(self.device, copy=True)
+            return
+        with torch.cuda.stream(self.stream):
+            for t in self._tensors(block):
+                t.data = self._host[id(t)].to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self._events[id(block)] = event
+
+    def ready(self, block: nn.Module) -> None:
+        event = self._events.pop(id(block), None)
+        if event is None:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(event)
+        for t in self._tensors(block):
+            t.data.record_stream(compute)
+
+    def send_back(self, block: nn.Module) -> None:
+        for t in self._tensors(block):
+            t.data = self._host[id(t)]
+
+    def restore(self) -> None:
+        """Forget the shot's copies; the blocks keep their (pinned) host tensors."""
+        self._host.clear()
+        self._events.clear()
+
+
 class BlockSwap:
     """Keep ``blocks`` on ``offload_device`` and bring each onto ``device`` only for its forward.
 
-    Pre-hook of block i: move it (and prefetch block i+1) to ``device``; post-hook: move block i back.
-    ``mover(module, device)`` does the moves (default :func:`move_module`).
+    Pre-hook of block i: bring it (unless prefetched), wait until it is there, then start bringing
+    block i+1 (prefetch); post-hook: send block i back. ``transfer`` does the moves: by default
+    :class:`StreamedTransfer` on a CUDA device, else :class:`MoverTransfer` with ``mover`` (default
+    :func:`move_module`); a given ``mover`` always means :class:`MoverTransfer`.
     """
 
     def __init__(
@@ -101,32 +200,40 @@ class BlockSwap:
         offload_device: torch.device | str,
         mover: Mover | None = None,
         prefetch: bool = True,
+        transfer: MoverTransfer | StreamedTransfer | None = None,
     ) -> None:
         self.blocks = list(blocks)
         self.device = device
         self.offload_device = offload_device
-        self.mover = mover or move_module
         self.prefetch = prefetch
+        if transfer is None:
+            if mover is None and torch.device(device).type == "cuda":
+                transfer = StreamedTransfer(device)
+            else:
+                transfer = MoverTransfer(device, offload_device, mover)
+        self.transfer = transfer
         self._on_device: set[int] = set()
 
     def _bring(self, i: int) -> None:
         if i not in self._on_device:
-            self.mover(self.blocks[i], self.device)
+            self.transfer.bring(self.blocks[i])
             self._on_device.add(i)
 
     def _send_back(self, i: int) -> None:
         if i in self._on_device:
-            self.mover(self.blocks[i], self.offload_device)
+            self.transfer.send_back(self.blocks[i])
             self._on_device.discard(i)
 
     @contextmanager
     def attached(self) -> Iterator[BlockSwap]:
         """Hooks on the blocks for the duration of the ``with`` block; every block is offloaded on exit."""
         handles: list[Any] = []
+        self.transfer.prepare(self.blocks)
         for i, block in enumerate(self.blocks):
 
             def pre(_module: nn.Module, _args: Any, i: int = i) -> None:
                 self._bring(i)
+                self.transfer.ready(self.blocks[i])
                 if self.prefetch and i + 1 < len(self.blocks):
                     self._bring(i + 1)
 
@@ -142,6 +249,7 @@ class BlockSwap:
                 h.remove()
             for i in sorted(self._on_device):
                 self._send_back(i)
+            self.transfer.restore()
 
 
 class ExpertSwap:

@@ -20,7 +20,10 @@ Model config (JSON; relative paths are relative to the config file)::
       "vae": "Wan2.2-T2V-A14B-Diffusers/vae",
       "dtype": "bf16", "device": "cuda", "lora_strength": 1.0,
       "text_device": "cpu",                                 # optional: umT5-XXL (11 GB) off the GPU
-      "offload": "swap_experts",                            # optional: one expert on the GPU at a time
+      "offload": "swap_experts",                            # optional: none|swap_experts|block_swap|auto
+      "swap_blocks": 20,                                    # with block_swap: blocks kept on the CPU
+      "attention": "auto", "fp8_compute": "auto",           # optional: GPU fast paths (self-checked)
+      "compile": false,                                     # optional: torch.compile the blocks
       "clip": "open_clip/ViT-B-32.safetensors",             # optional: StoryMem's keyframe CLIP
       "run": {"noise": "device", "kfq_precision": "auto"}  # optional: the released pipelines' options
     }
@@ -29,6 +32,12 @@ Model config (JSON; relative paths are relative to the config file)::
 (``Wan2.2-MI2V-A14B`` / ``Wan2.2-MM2V-A14B`` ``backbone_*_noise.safetensors``: LoRA only); which family
 they are picks the default memory policy. ``clip``: an open_clip ViT-B-32 (OpenAI, QuickGELU) weights
 file in open_clip's layout, for the storymem policy's keyframes (never downloaded at run time).
+
+``offload``: ``none`` (both experts on the device), ``swap_experts`` (one at a time), ``block_swap``
+(one at a time, its last ``swap_blocks`` blocks brought in from the CPU one by one) or ``auto``: the
+memory plan (:mod:`memento_core.plan`) for the GPU's total memory at the run's width/height/frames
+(832x480x81 when the caller does not say), and, unless ``text_device`` is set, umT5-XXL on the CPU
+when it would not fit on the GPU next to the plan's peak. On a CPU device ``auto`` means ``none``.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -46,9 +56,11 @@ from torch import Tensor
 from .adapters import LATENT_CHANNELS
 from .errors import MementoError, ShapeError
 from .expert import load_memento_expert, lora_family
+from .fast_paths import FastPaths
 from .fp8 import quantize_fp8
 from .m2v import Backbone
 from .models import ModelSet, load_t2v_experts
+from .plan import GB, TEXT_ENCODER_BYTES, make_plan
 
 __all__ = [
     "DiffusersWanVAE",
@@ -62,6 +74,8 @@ __all__ = [
 #: Config dtype -> load dtype ("fp8": loaded and merged in bf16, then block weights stored in fp8).
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}
 TEXT_LEN = 512
+FAST_PATH_FIELDS = ("attention", "fp8_compute", "compile")
+OFFLOAD_CHOICES = ("none", "swap_experts", "block_swap", "auto")
 #: Options of the released pipelines a model config may set under "run" -> RunSettings field.
 RUN_OPTIONS = {
     "policy": "policy",
@@ -96,10 +110,19 @@ class ModelConfig:
     device: str = "cuda"
     text_device: str | None = None
     offload: str = "none"
+    swap_blocks: int | None = None
+    attention: str = "auto"
+    fp8_compute: str = "auto"
+    compile: bool = False
     lora_strength: float = 1.0
     clip: str | None = None
     run: dict[str, Any] = field(default_factory=dict)
     source: str = "<config>"
+
+    @property
+    def fast_paths(self) -> FastPaths:
+        """The GPU fast paths (``memento_core.fast_paths``) this config asks for."""
+        return FastPaths(attention=self.attention, fp8_compute=self.fp8_compute, compile=self.compile)
 
     def run_settings(self) -> dict[str, Any]:
         """The ``run`` options as ``RunSettings`` fields (``idt_back_mode`` is ``identity_back``)."""
@@ -108,7 +131,11 @@ class ModelConfig:
     def describe(self) -> dict[str, Any]:
         """JSON-ready facts for logs and resume checks (file names, not contents; the run options are
         recorded with the settings)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("source", "run")}
+        # the fast paths change speed, not the model: a run may resume with others
+        skip = ("source", "run", *FAST_PATH_FIELDS)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        if out["swap_blocks"] is None:  # as before block_swap existed (resume checks compare these)
+            del out["swap_blocks"]
         return {"kind": "real", **out}
 
 
@@ -147,8 +174,23 @@ def load_model_config(path: str | os.PathLike[str]) -> ModelConfig:
         raise ModelConfigError(f"model config {source}: missing field(s) {missing}")
     if bool(data.get("t2v_high")) != bool(data.get("t2v_low")):
         raise ModelConfigError(f"model config {source}: give both t2v_high and t2v_low, or neither")
-    if data.get("offload", "none") not in ("none", "swap_experts"):
-        raise ModelConfigError(f"model config {source}: field 'offload': expected 'none' or 'swap_experts'")
+    if data.get("offload", "none") not in OFFLOAD_CHOICES:
+        raise ModelConfigError(
+            f"model config {source}: field 'offload': expected one of {', '.join(OFFLOAD_CHOICES)}"
+        )
+    blocks = data.get("swap_blocks")
+    if data.get("offload") == "block_swap" and (
+        not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1
+    ):
+        raise ModelConfigError(
+            f"model config {source}: field 'swap_blocks': block_swap needs a positive integer, got {blocks!r}"
+        )
+    if blocks is not None and data.get("offload") != "block_swap":
+        raise ModelConfigError(f"model config {source}: field 'swap_blocks': only with offload 'block_swap'")
+    try:
+        FastPaths.from_config(data, f"model config {source}")
+    except MementoError as exc:
+        raise ModelConfigError(str(exc)) from None
     if data.get("dtype", "bf16") not in DTYPES:
         raise ModelConfigError(f"model config {source}: field 'dtype': expected one of {list(DTYPES)}")
     base = source.parent
@@ -263,17 +305,46 @@ class UMT5TextEncoder:
         return hidden[:, :length].float().cpu()
 
 
-def real_models(config: ModelConfig) -> ModelSet:
+def resolve_offload(
+    config: ModelConfig, width: int | None = None, height: int | None = None, frames: int | None = None
+) -> tuple[str, int, str | None]:
+    """-> (offload mode, swapped blocks, text encoder device) for ``config``; ``auto`` asks the memory
+    plan for this GPU at width x height x frames (default 832x480x81)."""
+    text_device = config.text_device or config.device
+    if config.offload != "auto":
+        return config.offload, config.swap_blocks or 0, text_device
+    device = torch.device(config.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "none", 0, text_device
+    if config.dtype == "fp32":
+        raise ModelConfigError(
+            f"model config {config.source}: offload 'auto' plans bf16, fp16 or fp8 weights, not fp32"
+        )
+    vram_gb = torch.cuda.get_device_properties(device).total_memory / GB
+    dtype = "fp8" if config.dtype == "fp8" else "bf16"  # fp16 weighs as bf16
+    plan = make_plan(vram_gb, width or 832, height or 480, frames or 81, dtype)
+    if not plan.fits:
+        print(f"offload auto: {plan.message}", file=sys.stderr)
+    if config.text_device is None and (plan.predicted_peak_gb * GB + TEXT_ENCODER_BYTES > vram_gb * GB):
+        text_device = "cpu"
+    return plan.mode, plan.swap_blocks, text_device
+
+
+def real_models(
+    config: ModelConfig, width: int | None = None, height: int | None = None, frames: int | None = None
+) -> ModelSet:
     """A :class:`memento_core.models.ModelSet` over the configured weights (experts load on first use).
-    The family of the Memento / StoryMem files (read from their headers) picks the default policy."""
+    The family of the Memento / StoryMem files (read from their headers) picks the default policy.
+    width, height, frames: the run's size, for ``offload: auto`` (default 832x480x81)."""
     dtype = DTYPES[config.dtype]
     device = config.device
-    swap = config.offload == "swap_experts"
-    load_to = "cpu" if swap else device  # with swapping, experts wait on the CPU until their turn
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelConfigError(
             f"model config {config.source}: device {device!r} but no CUDA GPU is available"
         )
+    offload, swap_blocks, text_device = resolve_offload(config, width, height, frames)
+    swap = offload in ("swap_experts", "block_swap")
+    load_to = "cpu" if swap else device  # with swapping, experts wait on the CPU until their turn
 
     def backbone() -> Backbone:
         high, kfq_high = load_memento_expert(
@@ -306,13 +377,13 @@ def real_models(config: ModelConfig) -> ModelSet:
         kind="real",
         description=config.describe(),
         vae=DiffusersWanVAE(config.vae, device, torch.float32),
-        text_encoder=UMT5TextEncoder(
-            config.text_encoder, config.tokenizer, config.text_device or device, dtype
-        ),
+        text_encoder=UMT5TextEncoder(config.text_encoder, config.tokenizer, text_device, dtype),
         load_backbone=backbone,
         load_t2v=t2v if config.t2v_high else None,
         device=device,
         swap_experts=swap,
+        swap_blocks=swap_blocks,
+        fast_paths=config.fast_paths,
         family=families.pop(),
         load_embedder=embedder if config.clip else None,
     )

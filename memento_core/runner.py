@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -57,7 +57,7 @@ from .memory import (
     save_bank,
 )
 from .models import ModelSet
-from .offload import ExpertSwap
+from .offload import BlockSwap, ExpertSwap, resident_modules, swapped_blocks
 from .preview import SheetTile, camera_map, contact_sheet, save_png, selection_rows
 from .run_folder import (
     Finished,
@@ -556,6 +556,7 @@ def _render_one(
         entry["note"] = "the first shot has cut: false but nothing to continue from; rendered as a cut"
     if t2v:
         high, low = models.load_t2v()  # type: ignore[misc]
+        models.apply_fast_paths(high, low)
         text = ShotText(encoder.encode(shot.prompt), encoder.encode(settings.negative))
         size = (latent_frames(settings.frames), settings.height // 8, settings.width // 8)
         with _residency(models, high, low):
@@ -640,21 +641,38 @@ def _render_one(
 
 @contextmanager
 def _residency(models: ModelSet, high: WanDiT, low: WanDiT) -> Iterator[None]:
-    """With ``models.swap_experts``: move the expert about to run onto the device, the other off it.
+    """With ``models.swap_experts``: move the expert about to run onto the device, the other off it;
+    with ``models.swap_blocks`` n > 0 only its first blocks move, and its last n come in one at a time
+    (``BlockSwap``, hooks removed when the expert is swapped out or the shot ends).
     (The KeyframeQuerys stay where they were loaded, so no ``ensure`` hook is needed: yields None.)"""
     if not models.swap_experts:
         yield None
         return
     experts = {"high": high, "low": low}
+    n_swap = models.swap_blocks
+    blocks: dict[str, ExitStack] = {}
 
     def activate(name: str) -> None:
         for other, model in experts.items():
             if other != name:
+                if other in blocks:
+                    blocks.pop(other).close()
                 model.to("cpu")
-        experts[name].to(models.device)
+        if n_swap <= 0:
+            experts[name].to(models.device)
+            return
+        resident_modules(experts[name], n_swap).to(models.device)  # the last n blocks stay on the CPU
+        stack = ExitStack()
+        swap = BlockSwap(swapped_blocks(experts[name], n_swap), models.device, "cpu")
+        stack.enter_context(swap.attached())
+        blocks[name] = stack
 
-    with ExpertSwap(experts, activate).attached():
-        yield None
+    try:
+        with ExpertSwap(experts, activate).attached():
+            yield None
+    finally:
+        for stack in blocks.values():
+            stack.close()
 
 
 def _reference_memory(settings: RunSettings, tools: MemoryTools) -> tuple[Tensor, Tensor | None]:

@@ -36,10 +36,14 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ..memento_core.attention import ATTENTION_CHOICES
+from ..memento_core.errors import MementoError
 from ..memento_core.expert import FAMILY_NAMES, MementoExpert, load_memento_expert_report
-from ..memento_core.fp8 import is_fp8, quantize_fp8
+from ..memento_core.fast_paths import FastPaths, apply_fast_paths
+from ..memento_core.fp8 import is_fp8, quantize_fp8, uses_scaled_mm
 from ..memento_core.m2v import Backbone
 from ..memento_core.offload import BlockSwap, ExpertSwap, resident_modules, swapped_blocks
+from ..memento_core.plan import GB, make_plan
 from .types import LoadedBackbone, MementoBackboneSocket
 
 CATEGORY = "Memento"
@@ -60,6 +64,7 @@ OFFLOAD_CHOICES: dict[str, str] = {
     "none": "none",
     "swap experts": "swap_experts",
     "block swap": "block_swap",
+    "auto": "auto",
 }
 
 LORA_SLOTS = 3
@@ -125,6 +130,20 @@ def _describe(pool: str, base: str, memento: str, expert: MementoExpert) -> str:
     return head + "\n" + "\n".join("  " + line for line in expert.summary().splitlines())
 
 
+def _auto_offload(weight_dtype: str) -> tuple[str, int, str]:
+    """offload "auto": the memory plan for ComfyUI's torch device at 832x480x81 -> (mode, swapped
+    blocks, a note for the summary). A CPU device needs no offloading."""
+    device = comfy.model_management.get_torch_device()
+    if torch.device(device).type == "cpu":
+        return "none", 0, ""
+    vram_gb = comfy.model_management.get_total_memory(device) / GB
+    plan = make_plan(vram_gb, 832, 480, 81, "fp8" if weight_dtype == "fp8" else "bf16")
+    note = f" (plan for {vram_gb:.0f} GB at 832x480x81: peak {plan.predicted_peak_gb:.1f} GB)"
+    if not plan.fits:
+        note += f"; {plan.message}"
+    return plan.mode, plan.swap_blocks, note
+
+
 class MementoLoadBackbone(io.ComfyNode):
     """Load both Memento experts (base I2V experts + Memento LoRA/KeyframeQuery + extra LoRAs)."""
 
@@ -176,14 +195,28 @@ class MementoLoadBackbone(io.ComfyNode):
                 options=list(OFFLOAD_CHOICES),
                 default="swap experts",
                 tooltip="none: both experts on the GPU; swap experts: only the active one; block swap: "
-                "also keep swap_blocks blocks of it on the CPU.",
+                "also keep swap_blocks blocks of it on the CPU; auto: the fastest that fits this GPU for "
+                "an 832x480x81 Memento shot (python -m memento_core.plan), swap_blocks ignored.",
             ),
             io.Int.Input(
                 "swap_blocks",
                 default=20,
                 min=0,
                 max=40,
-                tooltip="block swap only: blocks per expert kept on the CPU and moved in per forward.",
+                tooltip="block swap only: blocks per expert kept on the CPU and moved in per forward "
+                "(copied in on a side stream from pinned memory while the previous block computes).",
+            ),
+            io.Combo.Input(
+                "attention",
+                options=list(ATTENTION_CHOICES),
+                default="auto",
+                tooltip="auto: SageAttention or flash-attn when installed and they agree with PyTorch SDPA "
+                "on this GPU (checked once), else SDPA. sdpa: always PyTorch's.",
+            ),
+            io.Boolean.Input(
+                "compile",
+                default=False,
+                tooltip="torch.compile the transformer blocks (faster sampling after a slow first step).",
             ),
         ]
         for n in range(1, LORA_SLOTS + 1):
@@ -224,6 +257,8 @@ class MementoLoadBackbone(io.ComfyNode):
         memento_strength: float,
         offload: str,
         swap_blocks: int,
+        attention: str = "auto",
+        compile: bool = False,
         **loras: object,
     ) -> io.NodeOutput:
         """Load both experts onto ComfyUI's offload device and wrap them for model management."""
@@ -235,6 +270,10 @@ class MementoLoadBackbone(io.ComfyNode):
         if offload not in OFFLOAD_CHOICES:
             raise ValueError(f"{NODE}: offload '{offload}' is not one of {', '.join(OFFLOAD_CHOICES)}.")
         mode = OFFLOAD_CHOICES[offload]
+        try:
+            fast = FastPaths(attention=attention, compile=bool(compile))
+        except MementoError as exc:
+            raise ValueError(f"{NODE}: {exc}") from exc
         extras: dict[str, list[tuple[str, float]]] = {"high": [], "low": []}
         names: dict[str, list[str]] = {"high": [], "low": []}
         for n in range(1, LORA_SLOTS + 1):
@@ -297,18 +336,38 @@ class MementoLoadBackbone(io.ComfyNode):
                 f"{NODE}: the high-noise and low-noise experts do not match (dim {high.dit.config.dim} vs "
                 f"{low.dit.config.dim}); pick the two experts of one Wan2.2 I2V A14B release."
             )
+        auto_note = ""
+        if mode == "auto":
+            mode, swap_blocks, auto_note = _auto_offload(weight_dtype)
         n_swap = int(swap_blocks) if mode == "block_swap" else 0
         if n_swap > len(high.dit.blocks):
             raise ValueError(
                 f"{NODE}: swap_blocks {n_swap} exceeds the {len(high.dit.blocks)} blocks of each expert."
             )
+        notices: list[str] = []
+        for pool in ("high", "low"):  # the checks run on the GPU the experts will compute on
+            for notice in apply_fast_paths(
+                experts[pool].dit, fast, comfy.model_management.get_torch_device()
+            ):
+                if notice not in notices:
+                    notices.append(notice)
         patchers = {pool: _expert_patcher(experts[pool], n_swap) for pool in ("high", "low")}
         lines = [
             _describe(pool, files[pool][1], memento[pool][1], experts[pool])
             + ("\n  extra LoRAs: " + ", ".join(names[pool]) if names[pool] else "")
             for pool in ("high", "low")
         ]
-        lines.append(f"offload: {offload}" + (f" ({n_swap} blocks per expert on the CPU)" if n_swap else ""))
+        lines.append(
+            f"offload: {offload}"
+            + (f" -> {mode.replace('_', ' ')}" if offload == "auto" else "")
+            + (f" ({n_swap} blocks per expert on the CPU)" if n_swap else "")
+            + auto_note
+        )
+        fp8_path = ""
+        if weight_dtype == "fp8":
+            fp8_path = ", fp8 matmuls" if uses_scaled_mm(high.dit) else ", fp8 dequantised to bf16"
+        lines.append(f"attention: {high.dit.attention.name}{fp8_path}" + (", compiled" if compile else ""))
+        lines += notices
         summary = "\n".join(lines)
         loaded = LoadedBackbone(
             backbone=Backbone(high.dit, low.dit, high.keyframe_query, low.keyframe_query),
@@ -323,6 +382,8 @@ class MementoLoadBackbone(io.ComfyNode):
                 "family": high.family,
                 "memento_strength": float(memento_strength),
                 "weight_dtype": weight_dtype,
+                "attention": high.dit.attention.name,
+                "compile": bool(compile),
                 "extra_loras": {pool: names[pool] for pool in names},
             },
         )

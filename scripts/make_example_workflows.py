@@ -197,6 +197,8 @@ def loaders(
         memento_strength=1.0,
         offload="swap experts",
         swap_blocks=20,
+        attention="auto",
+        compile=False,
         lora_1="None",
         lora_2="None",
         lora_3="None",

@@ -52,6 +52,16 @@ def test_fp8_stores_block_weights_in_fp8(comfy_host, tiny):
     assert text.count("dtype bfloat16 (block weights stored in fp8 e4m3fn)") == 2, text
 
 
+def test_fast_paths_are_reported_on_the_canvas(comfy_host, tiny):
+    """A backend that is not installed falls back to SDPA and says so in the loader's text."""
+    text = comfy_host.run(info(backbone(attention="flash", weight_dtype="fp8"))).ui_text("bb")
+    assert "attention: sdpa, fp8 dequantised to bf16" in text, text  # no fp8 tensor cores on a CPU
+    assert "attention flash: using SDPA: flash is not installed" in text
+    text = comfy_host.run(info(backbone(attention="sdpa", compile=True, offload="auto"))).ui_text("bb")
+    assert "offload: auto -> none" in text  # ComfyUI computes on the CPU here: nothing to offload
+    assert "attention: sdpa, compiled" in text and "using SDPA" not in text
+
+
 def shot_graph(bank_node: dict, **gen) -> dict:
     inputs = {
         "backbone": ["bb", 0],

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from memento_core.errors import MementoError
-from memento_core.offload import BlockSwap, ExpertSwap, resident_modules, swapped_blocks
+from memento_core.offload import (
+    BlockSwap,
+    ExpertSwap,
+    MoverTransfer,
+    StreamedTransfer,
+    resident_modules,
+    swapped_blocks,
+)
 from memento_core.shot import ShotSettings, ShotText, sample_t2v_shot
 from memento_core.tiny import tiny_dit
 
@@ -54,6 +61,55 @@ def test_block_swap_moves_each_block_in_for_its_forward_only():
     with torch.no_grad():
         model(x, t, ctx)
     assert len(log) == 4  # detached: no more moves
+
+
+def test_streamed_transfer_uses_host_copies_and_gives_the_originals_back():
+    """The pinned/stream path's bookkeeping (CPU: synchronous copies): during its forward a block
+    computes with fresh device copies (prefetched one block ahead), between forwards its weights are the
+    host copies (no device -> host copy), and after the shot every tensor is a host tensor again (on this
+CPU machine: its original one, as nothing needs pinning)."""
+    model = tiny_dit("t2v", seed=1, num_layers=4)
+    x, t, ctx = _inputs(model)
+    with torch.no_grad():
+        expected = model(x, t, ctx)
+    blocks = swapped_blocks(model, 3)
+    original = {id(p): p.data_ptr() for b in blocks for p in b.parameters()}
+    values = {id(p): p.detach().clone() for b in blocks for p in b.parameters()}
+    transfer = StreamedTransfer("cpu")
+    host_ptrs: dict[int, int] = {}
+    seen = []
+
+    def state(block):
+        """'device' when every tensor of the block is a copy made by bring(), 'host' when all are the
+        host copies."""
+        kinds = {"host" if p.data_ptr() == host_ptrs[id(p)] else "device" for p in block.parameters()}
+        assert len(kinds) == 1
+        return kinds.pop()
+
+    swap = BlockSwap(blocks, "cpu", "cpu", transfer=transfer)
+    assert swap.transfer is transfer
+    with torch.no_grad(), swap.attached():
+        host_ptrs.update({id(p): p.data_ptr() for b in blocks for p in b.parameters()})
+        recorders = [
+            block.register_forward_pre_hook(lambda _m, _a, i=i: seen.append([state(b) for b in blocks]))
+            for i, block in enumerate(blocks)
+        ]
+        out = model(x, t, ctx)
+        for r in recorders:
+            r.remove()
+        assert [state(b) for b in blocks] == ["host"] * 3
+    assert torch.equal(out, expected)
+    # block 1 of the swapped three runs with itself and the prefetched next one on the device
+    assert seen == [["device", "device", "host"], ["host", "device", "device"], ["host", "host", "device"]]
+    assert {id(p): p.data_ptr() for b in blocks for p in b.parameters()} == original
+    assert all(torch.equal(p, values[id(p)]) for b in blocks for p in b.parameters())
+
+
+def test_block_swap_picks_its_transfer():
+    model = tiny_dit("t2v", num_layers=2)
+    assert isinstance(BlockSwap(list(model.blocks), "cpu", "cpu").transfer, MoverTransfer)
+    recorded = BlockSwap(list(model.blocks), "cuda", "cpu", mover=lambda m, d: None)
+    assert isinstance(recorded.transfer, MoverTransfer)  # a given mover is always honoured
 
 
 def test_resident_modules_share_parameters_and_leave_out_swapped_blocks():

@@ -410,6 +410,8 @@ def backbone_inputs(offload: str = "none", swap_blocks: int = 0, **over: Any) ->
         "memento_strength": 1.0,
         "offload": offload,
         "swap_blocks": swap_blocks,
+        "attention": "auto",
+        "compile": False,
     }
     for n in (1, 2, 3):
         inputs |= {f"lora_{n}": "None", f"strength_{n}": 1.0, f"expert_{n}": "both"}
