@@ -64,10 +64,10 @@ def test_block_swap_moves_each_block_in_for_its_forward_only():
 
 
 def test_streamed_transfer_uses_host_copies_and_gives_the_originals_back():
-    """The pinned/stream path's bookkeeping (CPU: synchronous copies): during its forward a block
-    computes with fresh device copies (prefetched one block ahead), between forwards its weights are the
-    host copies (no device -> host copy), and after the shot every tensor is a host tensor again (on this
-CPU machine: its original one, as nothing needs pinning)."""
+    """The pinned/stream path's bookkeeping (CPU: synchronous copies). During its forward a block
+    computes with fresh device copies (prefetched one block ahead); between forwards its weights are the
+    host copies (no device -> host copy); after the shot every tensor is a host tensor again (on this
+    CPU machine its original one, as nothing needs pinning)."""
     model = tiny_dit("t2v", seed=1, num_layers=4)
     x, t, ctx = _inputs(model)
     with torch.no_grad():
