@@ -52,7 +52,7 @@ from .memory import (
     kfq_selector,
     recency_selector,
 )
-from .memory.positions import PLACEHOLDER_OFFSET, STORYMEM_SPACING
+from .memory.positions import PLACEHOLDER_OFFSET, STORYMEM_SPACING, memory_slot_positions
 from .sampling import StepInfo
 from .shot import ShotSettings, ShotText, sample_shot
 
@@ -134,9 +134,11 @@ class ShotRequest:
 @dataclass(frozen=True)
 class ShotRecord:
     """A rendered shot. latent: [16, T, h, w]; video: [3, F, H, W] in [-1, 1]; identity: [16, 1, h, w]
-    or None; positions: per pool, the frame positions used; memory_ids: per pool, the frame ids used;
-    kept: the frames the memory policy keeps ([3, F', H, W]: saved as the shot; StoryMem drops the frames
-    a continuation repeats); memory_log: the policy's update fields (StoryMem: keyframes, bank_ids)."""
+    or None; positions: per pool, the frame positions used ([identity | memory | target] order);
+    memory_positions: per pool, those of the memory frames only (one per memory id); memory_ids: per
+    pool, the frame ids used; kept: the frames the memory policy keeps ([3, F', H, W]: saved as the
+    shot; StoryMem drops the frames a continuation repeats); memory_log: the policy's update fields
+    (StoryMem: keyframes, bank_ids)."""
 
     latent: Tensor
     video: Tensor
@@ -148,6 +150,7 @@ class ShotRecord:
     kept: Tensor | None = None
     memory_log: dict[str, Any] = field(default_factory=dict)
     placeholder: bool = False
+    memory_positions: dict[str, list[int]] = field(default_factory=dict)
 
     def log(self) -> dict[str, Any]:
         """JSON-ready summary (no tensors): positions, memory ids, selection, the policy's update fields."""
@@ -248,6 +251,7 @@ def select_memory(
 class GeneratedShot:
     """A sampled (not decoded) shot. latent: [16, T, h, w] normalised target latents; identity:
     [16, 1, h, w] or None; positions / memory_ids: per pool, the frame positions and frame ids used;
+    memory_positions: per pool, the memory frames' positions (``positions`` without identity and target);
     seconds: timings of the "condition" and "sample" phases; placeholder: the memory was empty and one
     zero latent frame stood in for it (``ShotRequest.empty_memory``)."""
 
@@ -257,6 +261,7 @@ class GeneratedShot:
     memory_ids: dict[str, list[str]]
     seconds: dict[str, float]
     placeholder: bool = False
+    memory_positions: dict[str, list[int]] = field(default_factory=dict)
 
 
 def generate_shot(
@@ -286,7 +291,7 @@ def generate_shot(
     clip = condition_clip(request.mode, continuation, request.frames, *size)
     target_condition = vae.encode(clip)
     identity_condition = vae.encode(identity_image(*size)) if identity else None
-    conds, positions, memory_ids = {}, {}, {}
+    conds, positions, memory_ids, memory_pos = {}, {}, {}, {}
     placeholder = False
     for pool in ("high", "low"):
         frames = bank_for_shot.pool(pool)
@@ -313,6 +318,9 @@ def generate_shot(
         )
         positions[pool] = pos.tolist()
         memory_ids[pool] = bank_for_shot.frame_ids(pool)
+        memory_pos[pool] = memory_slot_positions(
+            positions[pool], len(frames), identity, request.identity_back
+        )
     t1 = time.perf_counter()
     result = sample_shot(
         backbone.high,
@@ -326,7 +334,9 @@ def generate_shot(
         cancel=cancel,
     )
     seconds = {"condition": t1 - t0, "sample": time.perf_counter() - t1}
-    return GeneratedShot(result.target, result.identity, positions, memory_ids, seconds, placeholder)
+    return GeneratedShot(
+        result.target, result.identity, positions, memory_ids, seconds, placeholder, memory_pos
+    )
 
 
 def render_shot(
@@ -400,6 +410,7 @@ def render_shot(
         kept=remembered.video,
         memory_log=remembered.log,
         placeholder=shot.placeholder,
+        memory_positions=shot.memory_positions,
     )
     return record, remembered.bank
 

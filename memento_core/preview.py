@@ -111,7 +111,9 @@ def selection_rows(
 
     bank: a bank holding the frames (before or after the shot); used_ids: per pool, frame ids in shot
     order; decode: latent [16, 1, h, w] -> video [3, 1, H, W]; positions: per pool, the RoPE positions
-    of the used frames (shown in the labels). Frames are decoded once even when both pools use them.
+    of the used frames, one per frame id (shown in the labels; a list of another length, e.g. a shot's
+    full positions with its identity slot, is an error rather than labels shifted by one). Frames are
+    decoded once even when both pools use them.
     """
     cache: dict[str, Tensor] = {}
     rows = []
@@ -120,6 +122,11 @@ def selection_rows(
         local = set(chosen.local_ids) if chosen is not None else set()
         glob = set(chosen.global_ids) if chosen is not None else set()
         pos = (positions or {}).get(pool, [])
+        if positions is not None and len(pos) != len(ids):
+            raise ValueError(
+                f"selection_rows: pool {pool!r} has {len(ids)} frames but {len(pos)} positions "
+                "(give the memory frames' positions only)"
+            )
         tiles = []
         for k, fid in enumerate(ids):
             frame = bank.get(fid)
@@ -129,7 +136,7 @@ def selection_rows(
                 mark = "reference"
             else:
                 mark = "local" if fid in local else "global" if fid in glob else "kept"
-            label = fid if k >= len(pos) else f"{fid} @{pos[k]}"
+            label = f"{fid} @{pos[k]}" if pos else fid
             tiles.append(SheetTile(cache[fid], label, mark))
         rows.append((pool, tiles))
     return rows

@@ -600,7 +600,7 @@ def _render_one(
                 camera=shot.camera,
             )  # fmt: skip
         latent, identity, kept = record.latent, record.identity, record.kept
-        used, selection, positions = record.memory_ids, record.selection, record.positions
+        used, selection, positions = record.memory_ids, record.selection, record.memory_positions
         entry.update(record.log())
     targets = [] if shot.camera is None else shot.camera.targets(settings.frames)
     if targets:

@@ -229,3 +229,31 @@ def test_expert_swap_moves_one_expert_at_a_time(full_run, tmp_path):
     render_story(story, tiny_models(), settings, tmp_path / "plain", progress=Progress(2, enabled=False))
     for label in ("01_01", "01_02"):
         assert torch.equal(latents(tmp_path, label), latents(tmp_path / "plain", label))
+
+
+def test_memory_sheet_labels_are_the_memory_frames_positions(tmp_path, monkeypatch):
+    """memory/SS_NN.png labels each memory frame with ITS position: the shot's positions are
+    [identity -512 | memory | target], so the identity slot and the target are left out (they used to
+    shift every label one slot late)."""
+    import memento_core.runner as runner_module
+
+    seen = []
+    real_rows = runner_module.selection_rows
+
+    def spy(bank, used, selection, decode, positions=None):
+        seen.append((used, positions))
+        return real_rows(bank, used, selection, decode, positions)
+
+    monkeypatch.setattr(runner_module, "selection_rows", spy)
+    settings = replace(SETTINGS, steps=2, max_shots=2)
+    log = render_story(
+        load_story(EXAMPLE), tiny_models(), settings, tmp_path, progress=Progress(2, enabled=False)
+    )
+    shot = log["shots"][1]
+    used, positions = seen[-1]
+    for pool in ("high", "low"):
+        ids = shot["memory_ids"][pool]
+        assert used[pool] == ids and len(ids) > 0
+        assert shot["positions"][pool][0] == -512  # the identity slot comes first in the shot
+        assert positions[pool] == shot["positions"][pool][1 : 1 + len(ids)]
+        assert -512 not in positions[pool]

@@ -31,6 +31,7 @@ __all__ = [
     "frame_positions",
     "memento_sample_indices",
     "memory_positions",
+    "memory_slot_positions",
     "sequential_positions",
     "storymem_positions",
 ]
@@ -77,6 +78,15 @@ def storymem_positions(m: int, spacing: int = STORYMEM_SPACING) -> list[int]:
 def sequential_positions(m: int) -> list[int]:
     """Legacy sequential positions (Dec-2025 StoryMem release): memory ``0 .. m-1``."""
     return list(range(m))
+
+
+def memory_slot_positions(
+    positions: Sequence[int], n_memory: int, identity: bool, identity_back: bool = False
+) -> list[int]:
+    """The memory frames' entries of a shot's ``frame_positions`` (slot order), leaving out the identity
+    slot (first, or after the memory with ``identity_back``) and the target."""
+    start = 1 if identity and not identity_back else 0
+    return [int(p) for p in positions[start : start + n_memory]]
 
 
 def frame_positions(
