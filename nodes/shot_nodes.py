@@ -52,6 +52,7 @@ from .backbone_nodes import compute_device, experts_on_device, require_backbone
 from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE, conditioning_tensor, raw_latent, video_to_image
 from .errors import check_image, node_errors
 from .memory_nodes import preview_decoder, selection_sheet_rows
+from .released_inputs import idt_back_mode_input, kfq_precision_input, memory_noise_input, noise_input
 from .types import (
     CameraTrajectorySocket,
     MementoBackboneSocket,
@@ -128,14 +129,7 @@ class MementoKeyframeRetrieve(io.ComfyNode):
                     tooltip="Keep the first N memory frames (Memento's --fix N: in the local quota; "
                     "StoryMem's sink); -1: the policy's default.",
                 ),
-                io.Combo.Input(
-                    "kfq_precision",
-                    options=list(KFQ_PRECISIONS),
-                    default="auto",
-                    optional=True,
-                    tooltip="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in bf16, "
-                    "as released), fp32 or bf16 (near-tied picks can differ).",
-                ),
+                kfq_precision_input(),
                 CameraTrajectorySocket.Input(
                     "camera",
                     optional=True,
@@ -281,28 +275,9 @@ class MementoGenerateShot(io.ComfyNode):
                     tooltip="Continue from this frame (its last image): MI2V, unless 'cut' is on. "
                     "Unconnected: a hard cut.",
                 ),
-                io.Combo.Input(
-                    "noise",
-                    options=list(NOISE_SOURCES),
-                    default="cpu",
-                    optional=True,
-                    tooltip="cpu: the same noise on every device; device: drawn on the GPU as the released "
-                    "pipelines do (reproduces their videos seed for seed on that GPU).",
-                ),
-                io.Combo.Input(
-                    "memory_noise",
-                    options=list(MEMORY_NOISE),
-                    default="released",
-                    optional=True,
-                    tooltip="Re-noising noise of the memory slots after step 0: released (the step-0 "
-                    "re-noised memory, as the released sampler) or fixed (the initial noise).",
-                ),
-                io.Boolean.Input(
-                    "idt_back_mode",
-                    default=False,
-                    optional=True,
-                    tooltip="Memento's --idt_back_mode: the identity slot after the memory frames.",
-                ),
+                noise_input(),
+                memory_noise_input(),
+                idt_back_mode_input(),
             ],
             outputs=[
                 io.Latent.Output("latent", display_name="latent"),

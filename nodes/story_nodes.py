@@ -27,7 +27,7 @@ from PIL import Image
 from ..memento_core.dit import WanDiT
 from ..memento_core.errors import MementoError
 from ..memento_core.fp8 import is_fp8
-from ..memento_core.m2v import KFQ_PRECISIONS, WAN_NEGATIVE_PROMPT
+from ..memento_core.m2v import WAN_NEGATIVE_PROMPT
 from ..memento_core.memory import get_policy, load_bank
 from ..memento_core.models import ModelSet, load_t2v_experts
 from ..memento_core.runner import (
@@ -39,11 +39,11 @@ from ..memento_core.runner import (
     render_story,
 )
 from ..memento_core.sampling import SOLVERS, StepInfo
-from ..memento_core.shot import MEMORY_NOISE, NOISE_SOURCES
 from ..memento_core.story import Story, StoryShot, load_story, parse_story
 from .backbone_nodes import compute_device, experts_on_device, find_model_file, require_backbone
 from .comfy_adapters import ComfyImageEmbedder, ComfyTextEncoder, ComfyVideoVAE
 from .errors import check_image, check_text_path, node_errors
+from .released_inputs import idt_back_mode_input, kfq_precision_input, memory_noise_input, noise_input
 from .shot_nodes import check_text_width
 from .types import LoadedBackbone, MementoBackboneSocket, MemoryBankSocket
 
@@ -365,41 +365,16 @@ class MementoRenderStory(io.ComfyNode):
                     tooltip="Keep the first N memory frames (Memento's --fix N, StoryMem's sink); -1: the "
                     "policy's default.",
                 ),
-                io.Boolean.Input(
-                    "idt_back_mode",
-                    default=False,
-                    optional=True,
-                    tooltip="Memento's --idt_back_mode: the identity slot after the memory frames.",
-                ),
+                idt_back_mode_input(),
                 io.Boolean.Input(
                     "storymem_mode",
                     default=False,
                     optional=True,
                     tooltip="Memento's --storymem_mode: memory positions 20 latent frames apart.",
                 ),
-                io.Combo.Input(
-                    "noise",
-                    options=list(NOISE_SOURCES),
-                    default="cpu",
-                    optional=True,
-                    tooltip="cpu: the same noise on every device; device: drawn on the GPU as the released "
-                    "pipelines do.",
-                ),
-                io.Combo.Input(
-                    "memory_noise",
-                    options=list(MEMORY_NOISE),
-                    default="released",
-                    optional=True,
-                    tooltip="Memory re-noising after step 0: released or fixed (the initial noise).",
-                ),
-                io.Combo.Input(
-                    "kfq_precision",
-                    options=list(KFQ_PRECISIONS),
-                    default="auto",
-                    optional=True,
-                    tooltip="KeyframeQuery scoring: auto (bf16 autocast when the backbone computes in "
-                    "bf16, as released), fp32 or bf16.",
-                ),
+                noise_input(),
+                memory_noise_input(),
+                kfq_precision_input(),
             ],
             outputs=[
                 io.Video.Output("story", display_name="story"),
