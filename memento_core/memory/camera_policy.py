@@ -38,12 +38,11 @@ HISTORY = 256
 
 
 @dataclass(frozen=True)
-class _HistoryPolicy(MemoryPolicy):
-    """Keeps the history; the base policy's sampler settings, kept frames and memory update."""
+class _FollowsBase(MemoryPolicy):
+    """A policy whose sampler settings, kept frames and memory update are its ``base`` policy's."""
 
     capacity: int = 8
     base: str = "memento"
-    history: int = HISTORY
 
     @property
     def sampler(self) -> SamplerDefaults:
@@ -53,8 +52,15 @@ class _HistoryPolicy(MemoryPolicy):
         return get_policy(self.base).kept_frames(video, mode)
 
     def remember(self, bank: MemoryBank, shot: FinishedShot, tools: MemoryTools) -> Remembered:
-        """The base policy's update, onto this bank (which then keeps at most ``history`` frames)."""
+        """The base policy's update, onto this bank."""
         return get_policy(self.base, capacity=bank.capacity).remember(bank, shot, tools)
+
+
+@dataclass(frozen=True)
+class _HistoryPolicy(_FollowsBase):
+    """Keeps the history (at most ``history`` frames); otherwise the base policy's behaviour."""
+
+    history: int = HISTORY
 
     def retain(self, bank: MemoryBank) -> MemoryBank:
         """At most ``history`` unpinned frames: the oldest go first."""
@@ -203,7 +209,7 @@ class MementoFovPolicy(_HistoryPolicy):
 
 @register_policy
 @dataclass(frozen=True)
-class ManualPolicy(MemoryPolicy):
+class ManualPolicy(_FollowsBase):
     """The pinned frames plus the frames listed in ``inputs.keep_ids`` (from the pool or the archive)."""
 
     name: ClassVar[str] = "manual"
@@ -211,19 +217,6 @@ class ManualPolicy(MemoryPolicy):
     shared_pool: ClassVar[bool] = True
     summary: ClassVar[str] = "one pool: the frames listed by id"
     requires: ClassVar[tuple[str, ...]] = ("keep_ids",)
-
-    capacity: int = 8
-    base: str = "memento"
-
-    @property
-    def sampler(self) -> SamplerDefaults:
-        return get_policy(self.base).sampler
-
-    def kept_frames(self, video, mode: str):  # type: ignore[no-untyped-def]
-        return get_policy(self.base).kept_frames(video, mode)
-
-    def remember(self, bank: MemoryBank, shot: FinishedShot, tools: MemoryTools) -> Remembered:
-        return get_policy(self.base, capacity=bank.capacity).remember(bank, shot, tools)
 
     def select(
         self, bank: MemoryBank, inputs: SelectionInputs = SelectionInputs()
