@@ -536,6 +536,51 @@ def storymem_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
 # -- workflow 4: a whole story in one node ---------------------------------------------------------------
 
 
+def render_story_and_save(
+    a: Any, m: Any, script: Any, title: str, folder: str, video_prefix: str, memory_prefix: str, **extra: Any
+) -> dict[str, Any]:
+    """A Render Story node over ``script`` (the shared sampler widgets + ``extra``), its Save Video, and
+    the memory-bank finish; returns the built workflow."""
+    render = a.node(
+        "MementoRenderStory",
+        title=title,
+        backbone=m.backbone,
+        clip=m.clip,
+        vae=m.vae,
+        path="",
+        text=script,
+        output_folder=f"memento/{folder}",
+        if_exists="resume",
+        width=WIDTH,
+        height=HEIGHT,
+        frames=FRAMES,
+        steps=STEPS,
+        seed=SEED,
+        shift=SHIFT,
+        boundary=BOUNDARY,
+        cfg=CFG,
+        cut_cfg=CUT_CFG,
+        solver="unipc",
+        first_shot="empty memory",
+        identity=True,
+        max_shots=0,
+        negative=NEGATIVE,
+        t2v_high="None",
+        t2v_low="None",
+        **extra,
+    )
+    a.node(
+        "SaveVideo",
+        title="Story video",
+        video=render["story"],
+        filename_prefix=video_prefix,
+        format="mp4",
+        codec="h264",
+    )
+    finish(a, m, render["memory_bank"], memory_prefix, FINISH_NOTE.format(prefix=memory_prefix))
+    return a.build()
+
+
 def render_story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     story = json.loads(STORY_FILE.read_text(encoding="utf-8"))
     a = Author(object_info)
@@ -556,46 +601,10 @@ def render_story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
     script = a.node(
         "PrimitiveStringMultiline", title="Story script (JSON)", value=json.dumps(story, indent=2) + "\n"
     )
-    render = a.node(
-        "MementoRenderStory",
-        title="Render Story",
-        backbone=m.backbone,
-        clip=m.clip,
-        vae=m.vae,
-        path="",
-        text=script,
-        output_folder="memento/lighthouse_keeper",
-        if_exists="resume",
-        width=WIDTH,
-        height=HEIGHT,
-        frames=FRAMES,
-        steps=STEPS,
-        seed=SEED,
-        shift=SHIFT,
-        boundary=BOUNDARY,
-        cfg=CFG,
-        cut_cfg=CUT_CFG,
-        solver="unipc",
-        first_shot="empty memory",
-        identity=True,
-        max_shots=0,
-        negative=NEGATIVE,
-        t2v_high="None",
-        t2v_low="None",
-    )
-    a.node(
-        "SaveVideo",
-        title="Story video",
-        video=render["story"],
-        filename_prefix="memento/lighthouse_story",
-        format="mp4",
-        codec="h264",
-    )
-    finish(
-        a, m, render["memory_bank"], "memento/lighthouse_story_memory",
-        FINISH_NOTE.format(prefix="memento/lighthouse_story_memory"),
+    return render_story_and_save(
+        a, m, script, "Render Story", "lighthouse_keeper", "memento/lighthouse_story",
+        "memento/lighthouse_story_memory",
     )  # fmt: skip
-    return a.build()
 
 
 CAMERA_STORY_FILE = REPO_ROOT / "example_stories" / "clockmaker_returns.json"
@@ -623,48 +632,10 @@ def camera_story_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
         title="Story script with cameras (JSON)",
         value=json.dumps(story, indent=2) + "\n",
     )
-    render = a.node(
-        "MementoRenderStory",
-        title="Render Story (memento+fov)",
-        backbone=m.backbone,
-        clip=m.clip,
-        vae=m.vae,
-        path="",
-        text=script,
-        output_folder="memento/clockmaker_returns",
-        if_exists="resume",
-        width=WIDTH,
-        height=HEIGHT,
-        frames=FRAMES,
-        steps=STEPS,
-        seed=SEED,
-        shift=SHIFT,
-        boundary=BOUNDARY,
-        cfg=CFG,
-        cut_cfg=CUT_CFG,
-        solver="unipc",
-        first_shot="empty memory",
-        identity=True,
-        max_shots=0,
-        negative=NEGATIVE,
-        t2v_high="None",
-        t2v_low="None",
-        policy="memento+fov",
-        sampler_settings="policy defaults",
-    )
-    a.node(
-        "SaveVideo",
-        title="Story video",
-        video=render["story"],
-        filename_prefix="memento/clockmaker_story",
-        format="mp4",
-        codec="h264",
-    )
-    finish(
-        a, m, render["memory_bank"], "memento/clockmaker_memory",
-        FINISH_NOTE.format(prefix="memento/clockmaker_memory"),
+    return render_story_and_save(
+        a, m, script, "Render Story (memento+fov)", "clockmaker_returns", "memento/clockmaker_story",
+        "memento/clockmaker_memory", policy="memento+fov", sampler_settings="policy defaults",
     )  # fmt: skip
-    return a.build()
 
 
 BUILDERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
