@@ -14,6 +14,7 @@ the command line (``--attention``, ``--compile``) and the ComfyUI backbone loade
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,14 @@ from .dit import WanDiT
 from .errors import MementoError
 from .fp8 import FP8_COMPUTE_CHOICES, set_fp8_compute
 
-__all__ = ["FastPaths", "apply_fast_paths", "compile_blocks", "is_compiled", "uncompile_blocks"]
+__all__ = [
+    "FastPaths",
+    "apply_fast_paths",
+    "apply_to_experts",
+    "compile_blocks",
+    "is_compiled",
+    "uncompile_blocks",
+]
 
 log = logging.getLogger("memento")
 _LOGGED: set[str] = set()
@@ -108,4 +116,19 @@ def apply_fast_paths(dit: WanDiT, paths: FastPaths, device: torch.device | str |
         if notice not in _LOGGED:  # once per process: the same notice for the other expert is noise
             _LOGGED.add(notice)
             log.warning(notice)
+    return notices
+
+
+def apply_to_experts(
+    experts: Iterable[WanDiT], paths: FastPaths, device: torch.device | str | None = None
+) -> list[str]:
+    """:func:`apply_fast_paths` on each distinct expert (one model serving both pools is done once) ->
+    the notices, each once."""
+    notices: list[str] = []
+    seen: set[int] = set()
+    for expert in experts:
+        if id(expert) in seen:
+            continue
+        seen.add(id(expert))
+        notices += [n for n in apply_fast_paths(expert, paths, device) if n not in notices]
     return notices

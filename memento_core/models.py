@@ -16,7 +16,7 @@ import torch
 
 from .adapters import TextEncoder, TinyImageEmbedder, TinyTextEncoder, TinyVAE, VideoVAE
 from .dit import WanDiT
-from .fast_paths import FastPaths, apply_fast_paths
+from .fast_paths import FastPaths, apply_to_experts
 from .fp8 import quantize_fp8
 from .keyframe_query import KeyframeQuery
 from .loading import load_dit
@@ -77,14 +77,9 @@ class ModelSet:
 
     def apply_fast_paths(self, *experts: WanDiT) -> None:
         """Put :attr:`fast_paths` on ``experts`` (checks run on :attr:`device`); notices are kept."""
-        seen: set[int] = set()
-        for expert in experts:
-            if id(expert) in seen:
-                continue
-            seen.add(id(expert))
-            for notice in apply_fast_paths(expert, self.fast_paths, self.device):
-                if notice not in self.notices:
-                    self.notices.append(notice)
+        for notice in apply_to_experts(experts, self.fast_paths, self.device):
+            if notice not in self.notices:
+                self.notices.append(notice)
 
     def embedder(self) -> ImageEmbedder | None:
         """The image embedder (built on first use), or None when none is configured."""

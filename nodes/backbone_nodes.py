@@ -39,7 +39,7 @@ from comfy_api.latest import io, ui
 from ..memento_core.attention import ATTENTION_CHOICES
 from ..memento_core.errors import MementoError
 from ..memento_core.expert import FAMILY_NAMES, MementoExpert, load_memento_expert_report
-from ..memento_core.fast_paths import FastPaths, apply_fast_paths
+from ..memento_core.fast_paths import FastPaths, apply_to_experts
 from ..memento_core.fp8 import is_fp8, quantize_fp8, uses_scaled_mm
 from ..memento_core.m2v import Backbone
 from ..memento_core.offload import BlockSwap, ExpertSwap, resident_modules, swapped_blocks
@@ -344,13 +344,8 @@ class MementoLoadBackbone(io.ComfyNode):
             raise ValueError(
                 f"{NODE}: swap_blocks {n_swap} exceeds the {len(high.dit.blocks)} blocks of each expert."
             )
-        notices: list[str] = []
-        for pool in ("high", "low"):  # the checks run on the GPU the experts will compute on
-            for notice in apply_fast_paths(
-                experts[pool].dit, fast, comfy.model_management.get_torch_device()
-            ):
-                if notice not in notices:
-                    notices.append(notice)
+        # the checks run on the GPU the experts will compute on
+        notices = apply_to_experts((high.dit, low.dit), fast, comfy.model_management.get_torch_device())
         patchers = {pool: _expert_patcher(experts[pool], n_swap) for pool in ("high", "low")}
         lines = [
             _describe(pool, files[pool][1], memento[pool][1], experts[pool])

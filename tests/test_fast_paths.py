@@ -305,13 +305,13 @@ def test_command_line_attention_reaches_the_experts(tmp_path, caplog, loaders, m
     from memento_core.cli import cli
 
     seen = []
-    real_apply = models_module.apply_fast_paths
+    real_apply = models_module.apply_to_experts
 
-    def spy(dit, paths, device=None):
+    def spy(experts, paths, device=None):
         seen.append(paths)
-        return real_apply(dit, paths, device)
+        return real_apply(experts, paths, device)
 
-    monkeypatch.setattr(models_module, "apply_fast_paths", spy)
+    monkeypatch.setattr(models_module, "apply_to_experts", spy)
     story = tmp_path / "story.json"
     story.write_text(
         json.dumps(
