@@ -349,7 +349,9 @@ class ComfyHost:
             )
             return result.raise_for_error() if check else result
         executor = execution.PromptExecutor(
-            self.server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0}
+            self.server,
+            cache_type=execution.CacheType.CLASSIC,
+            cache_args={"lru": 0, "ram": 0, "ram_inactive": 0},  # ram_inactive: ComfyUI 0.33+
         )
         self.run_async(executor.execute_async(prompt, prompt_id, dict(extra_data or {}), outputs_to_execute))
         messages = list(executor.status_messages)
