@@ -15,6 +15,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from comfy_api.latest import ComfyExtension
 
+#: The pack's frontend extension (web/memento.js: node summaries on the canvas, labels on wired text
+#: inputs); ComfyUI serves this folder to its frontend.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint() -> ComfyExtension:
     """Return the pack's ComfyExtension; ComfyUI awaits this when it loads custom nodes."""
@@ -32,4 +36,4 @@ async def comfy_entrypoint() -> ComfyExtension:
     return MementoExtension()
 
 
-__all__ = ["comfy_entrypoint"]
+__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

@@ -74,6 +74,38 @@ def rgb_to_yuv420p(frames: Tensor) -> Tensor:
     return planes.round().clamp(0, 255).to(torch.uint8).reshape(f, h * 3 // 2, w).contiguous()
 
 
+def yuv420p_to_rgb(planes: Tensor, height: int, width: int) -> Tensor:
+    """[H·3/2, W] uint8 planar yuv420p -> [H, W, 3] uint8 RGB (BT.601 limited range, the inverse of
+    :func:`rgb_to_yuv420p`'s matrix; each chroma sample covers its 2x2 block).
+
+    Done here, in float64, for the same reason as the encoder's side: FFmpeg's swscale gave decoded RGB
+    that differed between runs for the same file under load, and a resumed run's story must read back
+    as the uninterrupted one's."""
+    flat = planes.reshape(-1).to(torch.float64)
+    n, c = height * width, (height // 2) * (width // 2)
+    y = flat[:n].reshape(height, width)
+    u = flat[n : n + c].reshape(height // 2, width // 2).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    v = (
+        flat[n + c : n + 2 * c]
+        .reshape(height // 2, width // 2)
+        .repeat_interleave(2, 0)
+        .repeat_interleave(2, 1)
+    )
+    ycc = torch.stack([y, u, v], dim=-1) - _YCBCR_OFFSET
+    rgb = ycc @ torch.linalg.inv(_YCBCR).T
+    return rgb.round().clamp(0, 255).to(torch.uint8)
+
+
+def _decoded_rgb(frame: Any) -> Tensor:
+    """One decoded frame -> [H, W, 3] uint8: yuv420p (what write_mp4 makes) converted here, anything
+    else through FFmpeg."""
+    if frame.format.name == "yuv420p" and frame.height % 2 == 0 and frame.width % 2 == 0:
+        planes = torch.from_numpy(frame.to_ndarray())
+        if planes.shape == (frame.height * 3 // 2, frame.width):
+            return yuv420p_to_rgb(planes, frame.height, frame.width)
+    return torch.from_numpy(frame.to_ndarray(format="rgb24"))
+
+
 def _encode(clips: Iterable[Tensor], path: Path, fps: int, crf: int) -> Path:
     """Encode clips [F, H, W, 3] uint8 one after another (each is read only when its turn comes)."""
     av = _av()
@@ -113,7 +145,7 @@ def read_mp4(path: str | os.PathLike[str]) -> Tensor:
     """Every frame of a video file -> [F, H, W, 3] uint8."""
     av = _av()
     with av.open(str(path)) as container:
-        frames = [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+        frames = [_decoded_rgb(f) for f in container.decode(video=0)]
     if not frames:
         raise ValueError(f"{path}: no video frames")
     return torch.stack(frames)

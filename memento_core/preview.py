@@ -7,11 +7,14 @@ has coloured frames only.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +34,14 @@ MARK_COLORS: dict[str, tuple[float, float, float]] = {
     "reference": (0.2, 0.8, 0.3),  # a pinned reference image (MR2V)
     "identity": (0.75, 0.3, 0.9),  # the identity slot's output
 }
-_BORDER = 3
-_LABEL_H = 14
-_TITLE_W = 44
+_BORDER = 3  # frame width around each tile, in the mark's colour
+_GAP = 6  # between cells (and below each line of cells)
+_MARGIN = 8  # around the sheet
+_BLOCK_GAP = 10  # between one row's block and the next
+_MIN_WIDTH = 120
+_BACKGROUND = 0.12
+_TITLE_RGB = (240, 240, 240)
+_LABEL_RGB = (215, 215, 215)
 
 
 @dataclass(frozen=True)
@@ -45,33 +53,155 @@ class SheetTile:
     mark: str | None = None
 
 
-def contact_sheet(rows: Sequence[tuple[str, Sequence[SheetTile]]], tile_height: int = 120) -> Tensor:
-    """Lay out rows of tiles (each row titled) -> an image [H, W, 3] float32 in [0, 1].
+def contact_sheet(
+    rows: Sequence[tuple[str, Sequence[SheetTile]]], tile_height: int = 120, columns: int = 4
+) -> Tensor:
+    """Lay out titled rows of tiles as a grid -> an image [H, W, 3] float32 in [0, 1].
 
-    Tiles are resized to ``tile_height`` (aspect kept), framed in their mark's colour and labelled
-    below. An empty row shows its title only.
+    Each row becomes a block: a header (its title and frame count) above its tiles, wrapped into lines
+    of at most ``columns`` tiles (row-major). Tiles are resized to ``tile_height`` (aspect kept), framed
+    in their mark's colour and labelled below (labels cut with "…" to the cell width). Blocks are
+    stacked top to bottom under a legend of the marks present, so more tiles make the sheet taller,
+    not wider. An empty row shows its header only ("title (empty)").
     """
+    if isinstance(columns, bool) or not isinstance(columns, numbers.Integral) or columns < 1:
+        raise ValueError(f"contact_sheet: columns must be an integer >= 1, got {columns!r}")
     if tile_height < 8:
         raise ValueError(f"contact_sheet: tile_height must be >= 8, got {tile_height}")
-    rendered: list[tuple[str, list[tuple[Tensor, str]]]] = []
-    width = 0
-    for title, tiles in rows:
-        row = [(_framed(t, tile_height), t.label) for t in tiles]
-        rendered.append((title, row))
-        width = max(width, _TITLE_W + sum(img.shape[2] + 4 for img, _ in row))
-    width = max(width, _TITLE_W + 64)
-    cell_h = tile_height + 2 * _BORDER + _LABEL_H + 4
-    sheet = torch.full((3, cell_h * max(1, len(rendered)), width), 0.12)
-    labels: list[tuple[int, int, str]] = []
-    for r, (title, row) in enumerate(rendered):
-        y = r * cell_h + 2
-        labels.append((2, y + tile_height // 2, title))
-        x = _TITLE_W
-        for img, label in row:
-            sheet[:, y : y + img.shape[1], x : x + img.shape[2]] = img
-            labels.append((x, y + img.shape[1] + 1, label))
-            x += img.shape[2] + 4
-    return _draw_labels(sheet.permute(1, 2, 0).contiguous(), labels)
+    tile_height = int(tile_height)
+    label_font, title_font = _Font(_label_size(tile_height)), _Font(_label_size(tile_height) + 3)
+    blocks = [
+        (_row_title(title, len(tiles)), list(tiles), [_framed(t, tile_height) for t in tiles])
+        for title, tiles in rows
+    ]
+    cell_w = max((img.shape[2] for _, _, imgs in blocks for img in imgs), default=0)
+    cell_h = tile_height + 2 * _BORDER
+    label_h = label_font.line_height + 4
+    title_h = title_font.line_height + 6
+    marks = {t.mark for _, tiles, _ in blocks for t in tiles}
+    legend = [(m, MARK_COLORS[m]) for m in MARK_COLORS if m in marks]
+
+    # widths: the widest grid line, header or legend
+    used_cols = min(columns, max((len(imgs) for _, _, imgs in blocks), default=0))
+    width = used_cols * (cell_w + _GAP) - _GAP if used_cols else 0
+    width = max(width, *(title_font.width(title) for title, _, _ in blocks), 0)
+    swatch = max(6, label_font.line_height * 2 // 3)
+    legend_w = sum(swatch + 4 + label_font.width(m) for m, _ in legend) + 14 * max(0, len(legend) - 1)
+    width = max(_MIN_WIDTH, 2 * _MARGIN + max(width, legend_w))
+
+    # heights and positions
+    texts: list[tuple[int, int, str, _Font, tuple[int, int, int]]] = []
+    pastes: list[tuple[int, int, Tensor]] = []
+    swatches: list[tuple[int, int, tuple[float, float, float]]] = []
+    y = _MARGIN
+    if legend:
+        x = _MARGIN
+        for mark, rgb in legend:
+            swatches.append((x, y + (label_font.line_height - swatch) // 2, rgb))
+            x += swatch + 4
+            texts.append((x, y, mark, label_font, _rgb255(rgb)))
+            x += label_font.width(mark) + 14
+        y += label_font.line_height + _BLOCK_GAP
+    for b, (title, tiles, imgs) in enumerate(blocks):
+        if b:
+            y += _BLOCK_GAP
+        texts.append((_MARGIN, y, title, title_font, _TITLE_RGB))
+        y += title_h
+        for start in range(0, len(imgs), columns):
+            for j, (tile, img) in enumerate(
+                zip(tiles[start : start + columns], imgs[start : start + columns], strict=True)
+            ):
+                x = _MARGIN + j * (cell_w + _GAP)
+                pastes.append((x + (cell_w - img.shape[2]) // 2, y, img))
+                label = label_font.fit(tile.label, cell_w)
+                if label:
+                    texts.append((x, y + cell_h + 2, label, label_font, _LABEL_RGB))
+            y += cell_h + label_h + _GAP
+    height = y + _MARGIN
+
+    sheet = torch.full((3, height, width), _BACKGROUND)
+    for x, y0, img in pastes:
+        sheet[:, y0 : y0 + img.shape[1], x : x + img.shape[2]] = img
+    for x, y0, rgb in swatches:
+        sheet[:, y0 : y0 + swatch, x : x + swatch] = torch.tensor(rgb)[:, None, None]
+    return _draw_texts(sheet.permute(1, 2, 0).contiguous(), texts)
+
+
+def _row_title(title: str, count: int) -> str:
+    """A block's header: "high (8 frames)", "identity (1 frame)", "none (empty)"."""
+    if count == 0:
+        return f"{title} (empty)"
+    return f"{title} ({count} frame{'' if count == 1 else 's'})"
+
+
+def _label_size(tile_height: int) -> int:
+    """Label font size in px: 13 for 120 px tiles, never under 10 or over 24."""
+    return max(10, min(24, round(tile_height / 9)))
+
+
+def _rgb255(rgb: tuple[float, float, float]) -> tuple[int, int, int]:
+    r, g, b = (round(255 * c) for c in rgb)
+    return r, g, b
+
+
+class _Font:
+    """A font of about ``size`` px with its measures: Pillow's scalable default font (Pillow >= 10.1
+    with FreeType), else its small bitmap font, else (no Pillow) estimates and no text at all."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pil = _load_font(size)
+        if self.pil is None:
+            self.line_height, self.ellipsis = size + 3, "..."
+            return
+        try:
+            ascent, descent = self.pil.getmetrics()
+            self.line_height = ascent + descent
+        except AttributeError:  # the bitmap font
+            self.line_height = self.pil.getbbox("Agy|")[3] + 1
+        try:
+            self.pil.getlength("…")
+            self.ellipsis = "…"
+        except UnicodeError:  # the bitmap font is Latin-1 only
+            self.ellipsis = "..."
+
+    def width(self, text: str) -> int:
+        """Advance width of ``text`` in px."""
+        if not text:
+            return 0
+        if self.pil is None:
+            return math.ceil(0.6 * self.size * len(text))
+        try:
+            return math.ceil(self.pil.getlength(text))
+        except UnicodeError:
+            return math.ceil(self.pil.getlength(text.encode("latin-1", "replace").decode("latin-1")))
+
+    def fit(self, text: str, max_width: int) -> str:
+        """``text``, or its longest prefix + "…" that fits in ``max_width`` px ("" if not even that)."""
+        if self.width(text) <= max_width:
+            return text
+        lo, hi = 0, len(text)  # invariant: prefix lo fits (with the ellipsis), prefix hi does not
+        if self.width(self.ellipsis) > max_width:
+            return ""
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.width(text[:mid].rstrip() + self.ellipsis) <= max_width:
+                lo = mid
+            else:
+                hi = mid
+        return text[:lo].rstrip() + self.ellipsis
+
+
+@functools.lru_cache(maxsize=16)
+def _load_font(size: int) -> Any:
+    try:
+        from PIL import ImageFont
+    except ImportError:  # pragma: no cover - Pillow ships with ComfyUI and the dev environment
+        return None
+    try:
+        return ImageFont.load_default(size=size)  # scalable (Aileron) on Pillow >= 10.1 with FreeType
+    except (TypeError, OSError, ImportError):  # older Pillow: no size argument
+        return ImageFont.load_default()
 
 
 def _framed(tile: SheetTile, height: int) -> Tensor:
@@ -87,16 +217,16 @@ def _framed(tile: SheetTile, height: int) -> Tensor:
     return out
 
 
-def _draw_labels(image: Tensor, labels: list[tuple[int, int, str]]) -> Tensor:
+def _draw_texts(image: Tensor, texts: list[tuple[int, int, str, _Font, tuple[int, int, int]]]) -> Tensor:
     try:
         from PIL import Image, ImageDraw
     except ImportError:  # pragma: no cover - Pillow ships with ComfyUI and the dev environment
         return image
     pil = Image.fromarray((image.numpy() * 255).round().astype("uint8"))
     draw = ImageDraw.Draw(pil)
-    for x, y, text in labels:
-        if text:
-            draw.text((x, y), text, fill=(235, 235, 235))
+    for x, y, text, font, rgb in texts:
+        if text and font.pil is not None:
+            draw.text((x, y), text, fill=rgb, font=font.pil)
     return torch.from_numpy(np.asarray(pil).copy()).float() / 255
 
 

@@ -109,6 +109,31 @@ def find_model_file(folders: tuple[str, ...], name: str, what: str, widget: str,
     )
 
 
+def check_model_files(node: str, files: list[tuple[tuple[str, ...], object, str, str]]) -> bool:
+    """The model-file check of a loader's ``validate_inputs``, run when a prompt is queued: every
+    ``(folders, name, what, widget)`` must name a file there (a name fed by a link is not known yet and is
+    checked when the node runs). Returns True, or raises ONE ValueError listing every missing file with
+    its folders (:func:`find_model_file`'s message).
+
+    A ``validate_inputs`` that names the file widgets makes ComfyUI skip its own "Value not in list" check
+    of them (ComfyUI 0.33+ checks V3 combos; 0.3.75 did not) and call this instead. It raises instead of
+    returning the message because ComfyUI (0.3.75 and 0.33) repeats a returned message once per declared
+    input (seven here, most of them about files that exist); an exception is reported once, on this node
+    (``node_errors``: "Exception when validating inner node", the message as its details).
+    """
+    problems = []
+    for folders, name, what, widget in files:
+        if not isinstance(name, str) or name == LORA_NONE:
+            continue
+        try:
+            find_model_file(folders, name, what, widget, node)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ValueError("\n".join(problems))
+    return True
+
+
 def _expert_patcher(expert: MementoExpert, n_swap: int) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher over the expert's device-resident modules (all but ``n_swap`` blocks) + its KFQ."""
     module = resident_modules(expert.dit, n_swap, {"keyframe_query": expert.keyframe_query})
@@ -243,6 +268,31 @@ class MementoLoadBackbone(io.ComfyNode):
             outputs=[
                 MementoBackboneSocket.Output("backbone", display_name="backbone"),
                 io.String.Output("info", display_name="info"),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(
+        cls,
+        high_noise_model: str | None = None,
+        low_noise_model: str | None = None,
+        memento_high: str | None = None,
+        memento_low: str | None = None,
+        lora_1: str | None = None,  # one parameter per LoRA slot (LORA_SLOTS)
+        lora_2: str | None = None,
+        lora_3: str | None = None,
+    ) -> bool:
+        """Every chosen model file exists (:func:`check_model_files`), else one readable error naming the
+        files and the folders to put them in."""
+        loras = {1: lora_1, 2: lora_2, 3: lora_3}
+        return check_model_files(
+            NODE,
+            [
+                (("diffusion_models",), high_noise_model, "model", "high_noise_model"),
+                (("diffusion_models",), low_noise_model, "model", "low_noise_model"),
+                ((MEMENTO_FOLDER, "loras"), memento_high, "Memento", "memento_high"),
+                ((MEMENTO_FOLDER, "loras"), memento_low, "Memento", "memento_low"),
+                *((("loras",), loras[n], "LoRA", f"lora_{n}") for n in range(1, LORA_SLOTS + 1)),
             ],
         )
 

@@ -105,6 +105,19 @@ class MementoLoadDiT(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str | None = None) -> bool | str:
+        """The file exists, checked when the prompt is queued (a name fed by a link is checked when the
+        node runs). Naming ``model_name`` here replaces ComfyUI's "Value not in list" check (0.33+ checks
+        V3 combos, 0.3.75 did not) with :func:`_diffusion_model_path`'s message saying where to put the
+        file, which ComfyUI shows on the ``model_name`` widget (its only declared input, so only once)."""
+        if isinstance(model_name, str):
+            try:
+                _diffusion_model_path(model_name)
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    @classmethod
     def execute(cls, model_name: str, weight_dtype: str, expected_kind: str) -> io.NodeOutput:
         """Load the file onto ComfyUI's offload device with memento_core; re-raise errors readably."""
         if weight_dtype not in WEIGHT_DTYPES:

@@ -112,6 +112,14 @@ class MementoMemoryBank(io.ComfyNode):
                     optional=True,
                     tooltip="One caption per line (or one for all).",
                 ),
+                *(
+                    io.Image.Input(
+                        f"reference_images_{n}",
+                        optional=True,
+                        tooltip="More reference images, after the ones above (same width and height).",
+                    )
+                    for n in (2, 3, 4)
+                ),
             ],
             outputs=[MemoryBankSocket.Output("memory_bank", display_name="memory_bank")],
         )
@@ -124,15 +132,36 @@ class MementoMemoryBank(io.ComfyNode):
         reference_images: torch.Tensor | None = None,
         vae: Any = None,
         reference_captions: str = "",
+        reference_images_2: torch.Tensor | None = None,
+        reference_images_3: torch.Tensor | None = None,
+        reference_images_4: torch.Tensor | None = None,
     ) -> io.NodeOutput:
-        """Build the bank; each reference image is encoded alone."""
+        """Build the bank; each reference image is encoded alone, in input order."""
         node = cls.NODE
         if policy not in POLICIES:
             raise ValueError(f"{node}: policy '{policy}' is not one of {', '.join(POLICIES)}.")
         bank = MemoryBank.empty(policy, int(capacity) or None)
-        if reference_images is None:
+        given = [
+            (name, check_image(value, name, node))
+            for name, value in (
+                ("reference_images", reference_images),
+                ("reference_images_2", reference_images_2),
+                ("reference_images_3", reference_images_3),
+                ("reference_images_4", reference_images_4),
+            )
+            if value is not None
+        ]
+        if not given:
             return io.NodeOutput(bank)
-        images = check_image(reference_images, "reference_images", node)
+        first_name, first = given[0]
+        for name, value in given[1:]:
+            if value.shape[1:] != first.shape[1:]:
+                raise ValueError(
+                    f"{node}: {name} is {value.shape[2]}x{value.shape[1]} but {first_name} is "
+                    f"{first.shape[2]}x{first.shape[1]}; reference images must have one size (the shots' "
+                    "width and height: use Upscale Image)."
+                )
+        images = torch.cat([value for _, value in given])
         if vae is None:
             raise ValueError(f"{node}: reference_images need the 'vae' input (Wan 2.1 VAE) to be encoded.")
         if images.shape[0] > bank.capacity:
@@ -429,7 +458,7 @@ class MementoMemoryPreview(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        """Bank or selection, optional VAE (else approximate colours), tile height."""
+        """Bank or selection, optional VAE (else approximate colours), tile height, columns."""
         return io.Schema(
             node_id="MementoMemoryPreview",
             display_name="Memory Preview",
@@ -439,20 +468,31 @@ class MementoMemoryPreview(io.ComfyNode):
             inputs=[
                 io.MultiType.Input("memory", types=[MemoryBankSocket, MemorySelectionSocket]),
                 io.Vae.Input("vae", optional=True, tooltip="Decode frames properly (else rough colours)."),
-                io.Int.Input("tile_height", default=120, min=16, max=1024),
+                io.Int.Input(
+                    "tile_height", default=120, min=16, max=1024, tooltip="Height of each frame in px."
+                ),
+                io.Int.Input(  # keep last (saved workflows list [tile_height] only); optional so
+                    "columns",  # API prompts saved without it still validate
+                    default=4,
+                    min=1,
+                    max=32,
+                    optional=True,
+                    tooltip="Frames per line; each pool wraps onto more lines (the sheet grows taller, "
+                    "not wider).",
+                ),
             ],
             outputs=[io.Image.Output("image", display_name="image")],
         )
 
     @classmethod
-    def execute(cls, memory: Any, vae: Any = None, tile_height: int = 120) -> io.NodeOutput:
+    def execute(cls, memory: Any, vae: Any = None, tile_height: int = 120, columns: int = 4) -> io.NodeOutput:
         """Render the sheet [1, H, W, 3]."""
         decode = preview_decoder(vae, cls.NODE)
         if isinstance(memory, MemorySelection):
             rows = selection_sheet_rows(memory, decode)
         else:
             rows = _bank_rows(require_bank(memory, "memory", cls.NODE), decode)
-        sheet = contact_sheet(rows, tile_height=int(tile_height))
+        sheet = contact_sheet(rows, tile_height=int(tile_height), columns=int(columns))
         info = bank_to_dict(require_bank(memory, "memory", cls.NODE))
         return io.NodeOutput(sheet[None], ui=ui.PreviewText(_describe_bank(info)))
 

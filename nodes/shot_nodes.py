@@ -35,7 +35,6 @@ from dataclasses import replace
 from typing import Any
 
 import comfy.model_management
-import comfy.utils
 import torch
 from comfy_api.latest import io
 
@@ -52,6 +51,7 @@ from .backbone_nodes import compute_device, experts_on_device, require_backbone
 from .comfy_adapters import ComfyTextEncoder, ComfyVideoVAE, conditioning_tensor, raw_latent, video_to_image
 from .errors import check_image, node_errors
 from .memory_nodes import preview_decoder, selection_sheet_rows
+from .progress import StepProgress
 from .released_inputs import idt_back_mode_input, kfq_precision_input, memory_noise_input, noise_input
 from .types import (
     CameraTrajectorySocket,
@@ -393,10 +393,10 @@ class MementoGenerateShot(io.ComfyNode):
             identity_t5, identity_neg = text.encode(caption or ""), text.encode("")
         shot_text = ShotText(prompt=pos, negative=neg, identity=identity_t5, identity_negative=identity_neg)
 
-        progress = comfy.utils.ProgressBar(int(steps))
+        progress = StepProgress(int(steps))
 
         def on_step(info: StepInfo) -> None:
-            progress.update_absolute(info.step + 1, info.total)
+            progress.update(info.step + 1, info.total)
 
         try:
             with node_errors(node), experts_on_device(loaded):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import comfy.model_management
-import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import InputImpl, io, ui
@@ -40,9 +39,16 @@ from ..memento_core.runner import (
 )
 from ..memento_core.sampling import SOLVERS, StepInfo
 from ..memento_core.story import Story, StoryShot, load_story, parse_story
-from .backbone_nodes import compute_device, experts_on_device, find_model_file, require_backbone
+from .backbone_nodes import (
+    check_model_files,
+    compute_device,
+    experts_on_device,
+    find_model_file,
+    require_backbone,
+)
 from .comfy_adapters import ComfyImageEmbedder, ComfyTextEncoder, ComfyVideoVAE
 from .errors import check_image, check_text_path, node_errors
+from .progress import StepProgress
 from .released_inputs import idt_back_mode_input, kfq_precision_input, memory_noise_input, noise_input
 from .shot_nodes import check_text_width
 from .types import LoadedBackbone, MementoBackboneSocket, MemoryBankSocket
@@ -191,18 +197,18 @@ class ComfyStoryProgress(Progress):
     def __init__(self, total_shots: int, steps: int) -> None:
         super().__init__(total_shots)
         self.steps = steps
-        self.bar = comfy.utils.ProgressBar(total_shots * steps)
+        self.bar = StepProgress(total_shots * steps)
         self.offset = 0
 
     def shot(self, shot: StoryShot, mode: str) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
         self.offset = shot.number * self.steps
-        self.bar.update_absolute(self.offset)
+        self.bar.update(self.offset)
         super().shot(shot, mode)
 
     def step(self, info: StepInfo) -> None:
         super().step(info)
-        self.bar.update_absolute(self.offset + info.step + 1)
+        self.bar.update(self.offset + info.step + 1)
         comfy.model_management.throw_exception_if_processing_interrupted()
 
 
@@ -387,6 +393,18 @@ class MementoRenderStory(io.ComfyNode):
     def fingerprint_inputs(cls, path: str = "", text: str = "", **_: Any) -> Any:
         """Re-run when the script file changes (other inputs are part of ComfyUI's cache key)."""
         return script_fingerprint(path, text)
+
+    @classmethod
+    def validate_inputs(cls, t2v_high: str | None = None, t2v_low: str | None = None) -> bool:
+        """The chosen T2V files exist (checked when the prompt is queued, one readable error naming the
+        folder instead of ComfyUI 0.33's "Value not in list"; see backbone_nodes.check_model_files)."""
+        return check_model_files(
+            RENDER_NODE,
+            [
+                (("diffusion_models",), t2v_high, "T2V", "t2v_high"),
+                (("diffusion_models",), t2v_low, "T2V", "t2v_low"),
+            ],
+        )
 
     @classmethod
     def execute(

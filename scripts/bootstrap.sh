@@ -23,6 +23,23 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 # pip, minus the "Location ... is ignored" noise of this machine's local index configuration.
 pip_quiet() { "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 
+# ---------------------------------------------------------------- browser (tests/test_browser.py)
+# Debian's chromium + chromium-driver drive ComfyUI's real frontend headless; fonts-noto-cjk renders the
+# Chinese negative prompt. Installed with apt when missing (as root, or through sudo); without them the
+# browser tests are skipped with that reason.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! fc-list 2>/dev/null | grep -qi "noto.*cjk"; then
+  apt_get=""
+  if [ "$(id -u)" = 0 ]; then apt_get="apt-get"; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then apt_get="sudo apt-get"; fi
+  if [ -n "$apt_get" ] && command -v apt-get >/dev/null; then
+    log "installing chromium, chromium-driver and fonts-noto-cjk (apt)"
+    ($apt_get update -qq && DEBIAN_FRONTEND=noninteractive $apt_get install -y -qq --no-install-recommends \
+      chromium chromium-driver fonts-noto-cjk) >"$cache/apt.log" 2>&1 \
+      || log "WARNING: apt could not install the browser (see $cache/apt.log); browser tests will be skipped"
+  else
+    log "WARNING: chromium/chromium-driver missing and no root or sudo: browser tests will be skipped"
+  fi
+fi
+
 # ---------------------------------------------------------------- ComfyUI 0.3.75
 comfy="$cache/ComfyUI-$comfy_version"
 if [ ! -f "$comfy/.complete" ]; then

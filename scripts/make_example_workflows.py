@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,44 @@ STORYMEM_SHIFT, STORYMEM_CFG = 4.0, 3.5
 TEXT_ENCODER = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 VAE = "wan_2.1_vae.safetensors"
 
+_WAN21 = "https://huggingface.co/Comfy-Org/Wan_2.1_ComfyUI_repackaged/resolve/main/split_files"
+_WAN22 = "https://huggingface.co/Comfy-Org/Wan_2.2_ComfyUI_Repackaged/resolve/main/split_files"
+#: file -> (ComfyUI model folder, where to get it), written into each loader node's properties.models so
+#: that ComfyUI's missing-models dialog names the folder and offers the download. The Memento and
+#: StoryMem releases are .pth files (convert once with python -m memento_core.convert): their entries
+#: point at the release pages.
+MODEL_FILES: dict[str, tuple[str, str]] = {
+    HIGH_MODEL: ("diffusion_models", f"{_WAN22}/diffusion_models/{HIGH_MODEL}"),
+    LOW_MODEL: ("diffusion_models", f"{_WAN22}/diffusion_models/{LOW_MODEL}"),
+    TEXT_ENCODER: ("text_encoders", f"{_WAN21}/text_encoders/{TEXT_ENCODER}"),
+    VAE: ("vae", f"{_WAN22}/vae/{VAE}"),
+    CLIP_VISION: ("clip_vision", f"{_WAN21}/clip_vision/{CLIP_VISION}"),
+    MEMENTO_HIGH: ("memento", "https://huggingface.co/ernie-research/Memento#backbone_high_noise.pth"),
+    MEMENTO_LOW: ("memento", "https://huggingface.co/ernie-research/Memento#backbone_low_noise.pth"),
+    STORYMEM_HIGH: (
+        "memento",
+        "https://huggingface.co/Kevin-thu/StoryMem#Wan2.2-MI2V-A14B/backbone_high_noise.pth",
+    ),
+    STORYMEM_LOW: (
+        "memento",
+        "https://huggingface.co/Kevin-thu/StoryMem#Wan2.2-MI2V-A14B/backbone_low_noise.pth",
+    ),
+}
+
+
+def attach_model_metadata(workflow: dict[str, Any]) -> None:
+    """properties.models = [{name, url, directory}] on every node with a MODEL_FILES widget value (the
+    fields ComfyUI's own templates carry); the workflow's top-level "models" lists them all once."""
+    seen: dict[str, dict[str, str]] = {}
+    for node in workflow["nodes"]:
+        names = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v in MODEL_FILES]
+        if names:
+            entries = [{"name": n, "url": MODEL_FILES[n][1], "directory": MODEL_FILES[n][0]} for n in names]
+            node["properties"]["models"] = entries
+            seen.update((e["name"], e) for e in entries)
+    workflow["models"] = list(seen.values())
+
+
 WIDTH, HEIGHT, FRAMES, STEPS = 832, 480, 81, 40
 SHIFT, BOUNDARY = 5.0, 0.9
 CFG, CUT_CFG = 3.5, 5.0
@@ -69,24 +108,75 @@ STORY_FILE = REPO_ROOT / "example_stories" / "lighthouse_keeper.json"
 
 REFERENCE_IMAGES = ("memento_reference_person.png", "memento_reference_place.png")
 
-#: name -> (title on the thumbnail, one-line description)
+#: id -> (title, one-line description). The template browser of ComfyUI's frontend (1.32 in ComfyUI 0.3.75,
+#: 1.49 in 0.33) shows a custom pack's template by its file name only (title = the name, description = the
+#: name with "-" and "_" as spaces), so each file is named "<title> - <description>" (template_file).
 WORKFLOWS: dict[str, tuple[str, str]] = {
-    "memento_3_shot_story": ("Memento: 3-shot story", "memory updates between shots, KeyframeQuery"),
-    "memento_reference_images": ("Memento: reference images", "MR2V: references as pinned memory"),
-    "storymem_continuation": ("StoryMem continuation", "hard cut, then MI2V from the last frame"),
-    "memento_render_story": ("Memento: render a story", "a whole script in one node, resumable"),
-    "memento_camera_story": ("Cameras: back to a place", "memory recalled by camera overlap"),
+    "memento_3_shot_story": ("Memento 3-shot story", "KeyframeQuery memory between shots"),
+    "memento_reference_images": ("Memento reference images", "your pictures pinned in memory (MR2V)"),
+    "storymem_continuation": ("StoryMem continuation", "a hard cut, then MI2V from the last frame"),
+    "memento_render_story": ("Memento Render Story", "a whole story script in one node"),
+    "memento_camera_story": ("Cameras back to a place", "memory recalled by view overlap"),
 }
+
+
+def template_file(key: str) -> str:
+    """The file name (no extension) the workflow ``key`` ships as: "<title> - <description>"."""
+    title, description = WORKFLOWS[key]
+    return f"{title} - {description}"
+
 
 GROUP_COLORS = ("#3f789e", "#a1309b", "#b58b2a", "#8a8", "#444")
 
 
 # -- layout ----------------------------------------------------------------------------------------------
 
+#: Canvas layout (canvas px). Lanes (one group each: the models, a shot, ...) are laid out as columns of
+#: nodes in dependency order, a column holding as many nodes as fit in LANE_HEIGHT; lanes flow left to
+#: right into rows at most ROW_WIDTH wide, rows stacked top to bottom (so a 3-shot story is ~3,800 px
+#: wide instead of ~11,000). Stacked groups rather than one subgraph per shot: the memory bank that
+#: flows from shot to shot stays visible and editable, and ComfyUI 0.3.75's executor and the UI->API
+#: conversion in tests/workflow_api.py need no subgraph support.
+ROW_WIDTH = 3900.0
+LANE_HEIGHT = 1000.0
+TITLE_H = 30.0  # LiteGraph draws a node's title bar above its pos
+GAP = 30.0
+COLUMN_GAP = 50.0
+LANE_GAP = 90.0
+GROUP_PAD, GROUP_HEAD = 20.0, 50.0
+NODE_WIDTH = 340.0
+#: Wider nodes (long file names in combo widgets, long prompts) and fixed room for image previews
+#: (a preview drawn after a run fits inside the node instead of growing over its neighbours).
+NODE_SIZES: dict[str, tuple[float, float | None]] = {
+    "MementoLoadBackbone": (440.0, None),
+    "MementoRenderStory": (440.0, None),
+    "CLIPLoader": (440.0, None),
+    "VAELoader": (440.0, None),
+    "CLIPVisionLoader": (440.0, None),
+    "PreviewImage": (420.0, 320.0),
+    "LoadImage": (340.0, 330.0),  # its picture shows in the node once the file is there
+}
+#: Nodes that show a text summary after a run, and the height of that box (web/memento.js adds it).
+SUMMARY_NODES = frozenset(
+    {
+        "MementoLoadBackbone",
+        "MementoCameraTrajectory",
+        "MementoDiTInfo",
+        "MementoStoryConsistency",
+        "MementoSaveMemoryBank",
+        "MementoMemoryPreview",
+        "MementoRenderStory",
+    }
+)
+SUMMARY_HEIGHT = 84.0
+#: The view a template opens with: the whole graph fitted into this part of a 1600x1000 browser window
+#: (the canvas area left of the minimap and below ComfyUI's menu bar), never zoomed in past 100%.
+VIEW = (70.0, 90.0, 1580.0, 840.0)
+
 
 @dataclass
 class Lane:
-    """A titled block of nodes laid out left to right in dependency order, boxed by a group."""
+    """A titled block of nodes laid out in dependency order, boxed by a group; its note on top."""
 
     title: str
     nodes: list[NodeRef] = field(default_factory=list)
@@ -94,8 +184,15 @@ class Lane:
     color: str = GROUP_COLORS[0]
 
 
+def note_height(text: str, width: float) -> float:
+    """Height a Note of ``width`` needs for ``text`` (the frontend's monospace, ~7.3 px a character)."""
+    per_line = max(20, int((width - 20) / 7.3))
+    lines = sum(max(1, -(-len(par) // per_line)) for par in text.splitlines() or [""])
+    return max(88.0, 24.0 + 15.0 * lines)  # 88: the frontend's smallest Note
+
+
 class Author:
-    """A WorkflowBuilder plus lanes (one group per lane), laid out lane after lane."""
+    """A WorkflowBuilder plus lanes (one group per lane), laid out lane after lane in rows."""
 
     def __init__(self, object_info: Mapping[str, Any]) -> None:
         self.b = WorkflowBuilder(object_info)
@@ -119,41 +216,95 @@ class Author:
         workflow = self.b.build()
         by_id = {n["id"]: n for n in workflow["nodes"]}
         depth = self.b._depth  # computed by build(): longest path from a source node
-        x = 50.0
-        groups = []
-        for index, lane in enumerate(self.lanes, start=1):
-            top = 80.0
-            members = list(lane.nodes)
-            if lane.note is not None:
-                note = by_id[lane.note.id]
-                note["pos"] = [x, top]
-                top += note["size"][1] + 40.0
-                members.append(lane.note)
-            levels = sorted({depth[r.id] for r in lane.nodes})
-            col_x = x
-            for level in levels:
-                y, width = top, 0.0
-                for ref in (r for r in lane.nodes if depth[r.id] == level):
-                    node = by_id[ref.id]
-                    node["pos"] = [col_x, y]
-                    y += node["size"][1] + 50.0
-                    width = max(width, node["size"][0])
-                col_x += width + 60.0
-            right = max(by_id[r.id]["pos"][0] + by_id[r.id]["size"][0] for r in members)
-            bottom = max(by_id[r.id]["pos"][1] + by_id[r.id]["size"][1] for r in members)
+        for node in workflow["nodes"]:
+            width, height = NODE_SIZES.get(node["type"], (NODE_WIDTH, None))
+            node["size"] = [width, height if height is not None else self._height(node)]
+        blocks = [self._lane_block(lane, by_id, depth) for lane in self.lanes]
+        groups, x, y, row_height = [], 0.0, 0.0, 0.0
+        for index, (lane, (width, height, place)) in enumerate(zip(self.lanes, blocks, strict=True), 1):
+            if x > 0 and x + width > ROW_WIDTH:
+                x, y, row_height = 0.0, y + row_height + LANE_GAP, 0.0
+            for node_id, (nx, ny) in place.items():
+                by_id[node_id]["pos"] = [x + nx, y + ny]
             groups.append(
                 {
                     "id": index,
                     "title": lane.title,
-                    "bounding": [x - 20.0, 80.0 - 60.0, right - x + 40.0, bottom],
+                    "bounding": [x, y, width, height],
                     "color": lane.color,
                     "font_size": 24,
                     "flags": {},
                 }
             )
-            x = right + 120.0
+            x, row_height = x + width + LANE_GAP, max(row_height, height)
         workflow["groups"] = groups
+        attach_model_metadata(workflow)
+        workflow["extra"]["ds"] = fitted_view(groups)
         return workflow
+
+    def _height(self, node: Mapping[str, Any]) -> float:
+        """The builder's height, less the text box of each wired multiline input (hidden or shrunk
+        by the frontend), plus the summary box web/memento.js adds to SUMMARY_NODES."""
+        height = float(node["size"][1])
+        node_def = self.b.object_info.get(node["type"], {}).get("input", {})
+        specs = {**node_def.get("required", {}), **node_def.get("optional", {})}
+        for entry in node.get("inputs", []):
+            spec = specs.get(entry["name"])
+            if entry.get("widget") and entry.get("link") is not None and spec is not None:
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+                height -= 64.0 if options.get("multiline") else 0.0
+        return height + (SUMMARY_HEIGHT + 16.0 if node["type"] in SUMMARY_NODES else 0.0)
+
+    @staticmethod
+    def _lane_block(
+        lane: Lane, by_id: Mapping[int, dict[str, Any]], depth: Mapping[int, int]
+    ) -> tuple[float, float, dict[int, tuple[float, float]]]:
+        """(width, height, node id -> position relative to the group's corner) of one lane."""
+        order = sorted(lane.nodes, key=lambda r: (depth[r.id], r.id))
+        budget = max([LANE_HEIGHT] + [by_id[r.id]["size"][1] + TITLE_H for r in order])
+        columns: list[list[int]] = [[]]
+        used = 0.0
+        for ref in order:
+            need = by_id[ref.id]["size"][1] + TITLE_H
+            if columns[-1] and used + GAP + need > budget:
+                columns.append([])
+                used = 0.0
+            used += (GAP if columns[-1] else 0.0) + need
+            columns[-1].append(ref.id)
+        place: dict[int, tuple[float, float]] = {}
+        x, top, bottom = GROUP_PAD, GROUP_HEAD, 0.0
+        if lane.note is not None:
+            top += 0.0
+        cols_x = []
+        for column in columns:
+            cols_x.append(x)
+            x += max(by_id[i]["size"][0] for i in column) + COLUMN_GAP
+        width = x - COLUMN_GAP + GROUP_PAD
+        if lane.note is not None:
+            note = by_id[lane.note.id]
+            text = note["widgets_values"][0]
+            note["size"] = [width - 2 * GROUP_PAD, note_height(text, width - 2 * GROUP_PAD)]
+            place[lane.note.id] = (GROUP_PAD, top + TITLE_H)
+            top += TITLE_H + note["size"][1] + GAP
+        for cx, column in zip(cols_x, columns, strict=True):
+            y = top
+            for node_id in column:
+                place[node_id] = (cx, y + TITLE_H)
+                y += TITLE_H + by_id[node_id]["size"][1] + GAP
+            bottom = max(bottom, y - GAP)
+        return width, bottom + GROUP_PAD, place
+
+
+def fitted_view(groups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The saved view (``extra.ds``): every group inside VIEW, at most 100%."""
+    x0 = min(g["bounding"][0] for g in groups)
+    y0 = min(g["bounding"][1] for g in groups)
+    x1 = max(g["bounding"][0] + g["bounding"][2] for g in groups)
+    y1 = max(g["bounding"][1] + g["bounding"][3] for g in groups)
+    left, top, right, bottom = VIEW
+    scale = min(1.0, (right - left) / (x1 - x0), (bottom - top) / (y1 - y0))
+    scale = math.floor(scale * 1000) / 1000
+    return {"scale": scale, "offset": [round(left / scale - x0, 1), round(top / scale - y0, 1)]}
 
 
 # -- shared pieces ---------------------------------------------------------------------------------------
@@ -405,8 +556,8 @@ def reference_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
         "Reference images become the first memory (MR2V): each is resized to the shots' size (832x480, "
         "the bank's resolution), VAE-encoded alone and pinned (never evicted). Put your images in "
         "ComfyUI's input folder (or upload them in Load Image): here one of the person and one of the "
-        "place. reference_captions: one line per image.\nMore references: chain another Load Image -> "
-        "Upscale Image -> Batch Images (capacity 8 includes the references).",
+        "place. reference_captions: one line per image.\nMore references: another Load Image -> Upscale "
+        "Image into reference_images_3 or _4 (capacity 8 includes the references).",
         GROUP_COLORS[4],
     )
     images = []
@@ -423,13 +574,13 @@ def reference_workflow(object_info: Mapping[str, Any]) -> dict[str, Any]:
                 crop="center",
             )
         )
-    batch = a.node("ImageBatch", title="References", image1=images[0], image2=images[1])
     bank = a.node(
         "MementoMemoryBank",
         title="Memory from references",
         policy="memento",
         capacity=8,
-        reference_images=batch,
+        reference_images=images[0],
+        reference_images_2=images[1],
         vae=m.vae,
         reference_captions=REF_RECONSTRUCT + "\nthe narrow market street in the rain",
     )
@@ -648,8 +799,8 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
 
 
 def build_workflows(object_info: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Every example workflow (UI format) by file name (no extension)."""
-    return {name: build(object_info) for name, build in BUILDERS.items()}
+    """Every example workflow (UI format) by file name (no extension, see template_file)."""
+    return {template_file(key): build(object_info) for key, build in BUILDERS.items()}
 
 
 # -- thumbnails -----------------------------------------------------------------------------------------
@@ -713,7 +864,8 @@ def draw_thumbnail(
 
 
 def write_thumbnail(workflow: Mapping[str, Any], name: str, path: Path) -> Path:
-    title, subtitle = WORKFLOWS[name]
+    """``name``: the file name (template_file) of the workflow."""
+    title, subtitle = next(v for k, v in WORKFLOWS.items() if template_file(k) == name)
     draw_thumbnail(workflow, title, subtitle).save(path, format="JPEG", quality=85)
     return path
 

@@ -32,6 +32,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -51,6 +52,10 @@ PACK_DIR_NAME = "ComfyUI-Memento"
 
 #: Top-level module names ComfyUI imports that another copy (this repo's nodes/ package) could shadow.
 _SHADOWED_NAMES = ("nodes", "utils")
+
+#: The ComfyUI version CI runs (scripts/bootstrap.sh); example_workflows/ are generated against its
+#: ``/object_info``. Other versions (``COMFYUI_PATH``, ``make test-comfy-latest``) load and run them.
+CI_COMFYUI_VERSION = "0.3.75"
 
 #: Model folders created up front under :attr:`ComfyHost.models_root`.
 _DEFAULT_MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras", "clip_vision", "checkpoints")
@@ -80,6 +85,16 @@ def find_comfyui() -> Path:
             "cache and link it as .comfyui, or set COMFYUI_PATH to a ComfyUI checkout."
         )
     return path.resolve()
+
+
+def comfyui_version(comfy_path: Path) -> str:
+    """``__version__`` from a ComfyUI tree's ``comfyui_version.py`` ("unknown" when it has none)."""
+    try:
+        text = (comfy_path / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    match = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", text)
+    return match.group(1) if match else "unknown"
 
 
 class StubServer:
@@ -222,6 +237,7 @@ class ComfyHost:
 
     Attributes:
         comfy_path: the ComfyUI tree in use.
+        version: its version (``comfyui_version.py``), e.g. "0.3.75".
         root: the temporary folder holding ``models/``, ``input/``, ``output/``, ``temp/``, ``user/``
             and ``custom_nodes/``.
         models_root: ``root / "models"``; each ComfyUI model folder name maps to one sub-folder.
@@ -233,6 +249,7 @@ class ComfyHost:
 
     def __init__(self, comfy_path: Path, root: Path) -> None:
         self.comfy_path = comfy_path
+        self.version = comfyui_version(comfy_path)
         self.root = root
         self.models_root = root / "models"
         self.pack_module: ModuleType | None = None

@@ -1,4 +1,4 @@
-"""Run the real ComfyUI 0.3.75 server in a subprocess with this pack installed, and talk to it over HTTP.
+"""Run a real ComfyUI server (0.3.75, or $COMFYUI_PATH) in a subprocess with this pack, and talk to it.
 
 What :func:`start_comfy_server` does:
 
@@ -459,6 +459,26 @@ class ComfyServer:
             if e.type == "executing" and e.data.get("node") is not None
         ]
 
+    def progress(self, prompt_id: str, node_id: str) -> list[tuple[Any, Any]]:
+        """``(value, max)`` of each websocket ``progress`` message about node ``node_id`` of ``prompt_id``,
+        in arrival order: what the frontend's progress bar shows. Wait for the prompt's end first (for
+        example ``wait_event("execution_success", prompt_id=...)``): the socket delivers in order."""
+        return [
+            (e.data.get("value"), e.data.get("max"))
+            for e in self.events(prompt_id)
+            if e.type == "progress" and str(e.data.get("node")) == str(node_id)
+        ]
+
+    def progress_state(self, prompt_id: str, node_id: str) -> list[tuple[Any, Any, Any]]:
+        """``(value, max, state)`` of node ``node_id`` in each ``progress_state`` message of ``prompt_id``
+        that lists it (the per-node progress ComfyUI's executor also sends)."""
+        result = []
+        for e in self.events(prompt_id):
+            node = (e.data.get("nodes") or {}).get(str(node_id)) if e.type == "progress_state" else None
+            if node is not None:
+                result.append((node.get("value"), node.get("max"), node.get("state")))
+        return result
+
     # -- files and lifecycle ----------------------------------------------------------------------
 
     def model_dir(self, folder: str = "diffusion_models") -> Path:
@@ -620,6 +640,30 @@ def _resolve_preload(spec: str) -> str:
     return spec
 
 
+def server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server process: this process's, plus ``extra``, with ``PYTHONPATH`` kept
+    except the entries that would make this repository importable (its root, ``tests/``).
+
+    ``PYTHONPATH`` is how a ComfyUI tree's own extra dependencies reach the server (for example
+    ``PYTHONPATH=/path/to/extra-deps`` for a newer ComfyUI whose requirements are not in the dev venv, as
+    ``make test-comfy-latest`` passes them). The repository root and ``tests/`` are left out, so the pack
+    still imports only the way ComfyUI imports it (as ``custom_nodes/ComfyUI-Memento``), never as
+    top-level modules.
+    """
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(extra or {})}
+    hidden = {REPO_ROOT.resolve(), TESTS_DIR.resolve()}  # these would make the pack's modules top-level
+    kept = [
+        entry
+        for entry in env.get("PYTHONPATH", "").split(os.pathsep)
+        if entry and Path(entry).expanduser().resolve() not in hidden
+    ]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    else:
+        env.pop("PYTHONPATH", None)
+    return env
+
+
 _BOOTSTRAP = """\
 import importlib, os, runpy, sys
 sys.argv = ["main.py", *{argv!r}]
@@ -707,7 +751,7 @@ except BaseException:
 def diagnose_pack_import(pack_dir: Path, timeout: float = 120.0) -> str:
     """Import the pack the way ComfyUI does (``load_custom_node``, then ``comfy_entrypoint``) in a fresh
     interpreter in the ComfyUI tree; return the traceback (ComfyUI itself logs only one line), or ''."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = server_env()
     try:
         done = subprocess.run(
             [sys.executable, "-c", _DIAGNOSE.format(pack=str(pack_dir))],
@@ -765,8 +809,7 @@ def start_comfy_server(
     if extra_model_paths:
         yaml_path = write_extra_model_paths(root / "extra_model_paths.yaml", extra_model_paths)
     log_path = root / "server.log"
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(env or {})}
-    child_env.pop("PYTHONPATH", None)  # the pack must import the way ComfyUI imports it, not from our path
+    child_env = server_env(env)
     start = time.monotonic()
     last_error = ""
     for _attempt in range(3):  # a port taken between free_port() and bind: try another

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @pytest.fixture(scope="session")
 def comfy_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyHost]:
-    """A real ComfyUI 0.3.75 started in this process (CPU) with this pack loaded, once per session.
+    """A real ComfyUI (0.3.75, or ``$COMFYUI_PATH``) started in this process (CPU) with this pack, once.
 
     Imported lazily: tests that do not ask for it never import ComfyUI. Errors with a message naming
     ``make setup`` when no ComfyUI tree is found (``$COMFYUI_PATH`` or ``<repo>/.comfyui``).

@@ -24,7 +24,7 @@ SERVER_PRELOAD: tuple[str, ...] = (
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
-    """A real ComfyUI 0.3.75 server (``main.py --cpu``) with this pack in ``custom_nodes/ComfyUI-Memento``.
+    """A real ComfyUI server (0.3.75, or $COMFYUI_PATH; ``main.py --cpu``), this pack in custom_nodes.
 
     Its base folder is a session temp dir: put test models in ``comfy_server.model_dir("diffusion_models")``
     (listed by the next request). Use ``queue_prompt``/``wait_history``/``run``, ``object_info``,

@@ -113,19 +113,27 @@ def test_wrong_kind_fails_with_a_readable_message(comfy_host: ComfyHost, tiny_i2
 
 
 def test_missing_file_fails_with_a_readable_message(comfy_host: ComfyHost) -> None:
-    """A file name not in diffusion_models stops at the loader with a message saying where to put it.
+    """A file name not in diffusion_models is refused when the prompt is queued, with the loader's message
+    saying where to put the file, once, on the model_name widget.
 
-    ComfyUI 0.3.75 does not check V3 combo values against their options during validation (only V1
-    list-style combos), so the node itself must catch this (for example a workflow from another machine).
+    The node's ``validate_inputs`` names ``model_name``, so ComfyUI calls it instead of its own "Value not
+    in list" check (ComfyUI 0.33+ checks V3 combos, 0.3.75 did not); a workflow from another machine
+    gets the same message on both.
     """
     prompt = _load_and_describe("any")
     prompt["1"]["inputs"]["model_name"] = "missing.safetensors"
     result = comfy_host.run(prompt, check=False)
-    assert not result.success
-    assert result.execution_error is not None, result.error_message
-    message = result.execution_error["exception_message"]
-    assert "'missing.safetensors' was not found" in message
-    assert "diffusion_models" in message
+    assert not result.success and result.execution_error is None
+    assert list(result.node_errors) == ["1"], result.error_message
+    (error,) = result.node_errors["1"]["errors"]
+    assert error["type"] == "custom_validation_failed"
+    assert error["extra_info"]["input_name"] == "model_name"
+    assert "Value not in list" not in (result.error_message or "")
+    assert "Load Memento DiT: the model file 'missing.safetensors' was not found" in error["details"]
+    assert (
+        "diffusion_models" in error["details"]
+        and "Put the Wan2.2 DiT .safetensors file there" in error["details"]
+    )
 
 
 def test_invalid_prompt_reports_validation_errors(comfy_host: ComfyHost) -> None:

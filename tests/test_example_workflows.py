@@ -39,6 +39,15 @@ NAMES = (
 W, H, FRAMES, STEPS = 64, 32, 9, 2
 
 
+def template_path(name: str, ext: str = ".json") -> Path:
+    """The shipped file of workflow ``name`` (a NAMES key; files are named "<title> - <description>")."""
+    return WORKFLOW_DIR / f"{load_script().template_file(name)}{ext}"
+
+
+def template_files() -> list[str]:
+    return sorted(load_script().template_file(name) for name in NAMES)
+
+
 def load_script() -> Any:
     """``scripts/make_example_workflows.py`` as a module."""
     name = "make_example_workflows"
@@ -148,7 +157,7 @@ def spy(comfy_host, monkeypatch) -> Iterator[Calls]:
 
 
 def run_example(comfy_host, object_info, name: str, tag: str) -> tuple[dict[str, Any], Any]:
-    workflow = load_workflow(WORKFLOW_DIR / f"{name}.json")
+    workflow = load_workflow(template_path(name))
     api = tiny_api(ui_to_api(workflow, object_info, meta=True), tag)
     return api, comfy_host.run(api)
 
@@ -165,22 +174,32 @@ def saved_videos(comfy_host, result: Any, api: dict[str, Any]) -> list[Path]:
 # -- the files ----------------------------------------------------------------------------------------
 
 
-def test_shipped_files_are_what_the_script_makes(object_info) -> None:
+def test_shipped_files_are_what_the_script_makes(comfy_host, object_info) -> None:
+    """The files are generated against CI's ComfyUI; another one (COMFYUI_PATH) lays out some core nodes
+    differently (e.g. 0.33's SaveVideo, CreateVideo), so there only the files themselves are checked here
+    (the tests below load and run them on it)."""
+    from comfy_host import CI_COMFYUI_VERSION
+
+    assert sorted(p.stem for p in WORKFLOW_DIR.glob("*.json")) == template_files()
+    for name in NAMES:
+        with Image.open(template_path(name, ".jpg")) as thumb:
+            assert thumb.format == "JPEG" and thumb.size == (320, 180)
+    if comfy_host.version != CI_COMFYUI_VERSION:
+        pytest.skip(
+            f"example_workflows/ are generated against ComfyUI {CI_COMFYUI_VERSION}'s node definitions; "
+            f"this is ComfyUI {comfy_host.version}"
+        )
     script = load_script()
     built = script.build_workflows(object_info)
-    assert sorted(built) == sorted(NAMES)
-    assert sorted(p.stem for p in WORKFLOW_DIR.glob("*.json")) == sorted(NAMES)
+    assert sorted(built) == template_files()
     assert script.out_of_date(built, WORKFLOW_DIR) == [], (
         "run: .venv/bin/python scripts/make_example_workflows.py"
     )
-    for name in NAMES:
-        with Image.open(WORKFLOW_DIR / f"{name}.jpg") as thumb:
-            assert thumb.format == "JPEG" and thumb.size == (320, 180)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_is_valid_and_has_the_real_settings(object_info, name: str) -> None:
-    workflow = load_workflow(WORKFLOW_DIR / f"{name}.json")
+    workflow = load_workflow(template_path(name))
     assert_valid_ui_workflow(workflow, object_info)
     api = ui_to_api(workflow, object_info)
     kinds = [v["class_type"] for v in api.values()]
@@ -278,7 +297,7 @@ def test_3_shot_story_runs(comfy_host, object_info, tiny, spy) -> None:
 def test_3_shot_story_follows_the_scripts_cut_flags(comfy_host, object_info, tiny, spy) -> None:
     """Edit only the pasted script's cut list to [true, true, false]: shot 2 becomes a hard cut (first
     frame ignored, CFG 5.0) and shot 3 continues from shot 2's last frame (CFG 3.5)."""
-    workflow = load_workflow(WORKFLOW_DIR / "memento_3_shot_story.json")
+    workflow = load_workflow(template_path("memento_3_shot_story"))
     api = tiny_api(ui_to_api(workflow, object_info, meta=True), "ex_story_cuts")
     script = node_id(api, "Story script (JSON)")
     story = json.loads(api[script]["inputs"]["value"])

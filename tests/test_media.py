@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from memento_core.media import read_mp4, rgb_to_yuv420p, to_uint8_frames, write_mp4
+from memento_core.media import read_mp4, rgb_to_yuv420p, to_uint8_frames, write_mp4, yuv420p_to_rgb
 
 
 def test_rgb_to_yuv420p_known_colours_and_layout() -> None:
@@ -43,3 +43,37 @@ def test_the_same_frames_give_the_same_bytes_and_close_colours(tmp_path: Path) -
     assert len(digests) == 1
     back = read_mp4(write_mp4(video, tmp_path / "hq.mp4", crf=1)).float()
     assert (back - to_uint8_frames(video).float()).abs().mean() < 6  # 4:2:0 chroma and H.264, near lossless
+
+
+def test_yuv420p_to_rgb_inverts_the_encoder_conversion_and_agrees_with_ffmpeg(tmp_path: Path) -> None:
+    """Hand values: BT.601 limited-range Y 235 / U 128 / V 128 is white, Y 16 black, (82, 90, 240) red.
+    Flat 2x2 blocks survive rgb_to_yuv420p -> yuv420p_to_rgb within rounding; and read_mp4 (which now
+    converts yuv420p itself) is within 4 levels of FFmpeg's own rgb24 conversion of the same file and
+    at least as close to the frames that were encoded."""
+    import av
+
+    def planes(y: int, u: int, v: int) -> torch.Tensor:
+        return torch.tensor([y] * 4 + [u, v], dtype=torch.uint8).reshape(3, 2)
+
+    assert yuv420p_to_rgb(planes(235, 128, 128), 2, 2)[0, 0].tolist() == [255, 255, 255]
+    assert yuv420p_to_rgb(planes(16, 128, 128), 2, 2)[0, 0].tolist() == [0, 0, 0]
+    # G = 1.164·66 + 0.392·38 - 0.813·112 = 0.67: the rounded YUV of pure red reads back as (255, 1, 0)
+    assert yuv420p_to_rgb(planes(82, 90, 240), 2, 2)[0, 0].tolist() == [255, 1, 0]
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (2, 4, 6, 3), generator=g, dtype=torch.uint8)
+    frames = blocks.repeat_interleave(2, 1).repeat_interleave(2, 2)  # flat 2x2 blocks: chroma is exact
+    back = torch.stack([yuv420p_to_rgb(p, 8, 12) for p in rgb_to_yuv420p(frames)])
+    assert (back.int() - frames.int()).abs().max() <= 2
+    video = torch.rand(3, 3, 32, 48, generator=g) * 2 - 1  # [3, F, H, W]
+    path = write_mp4(video, tmp_path / "c.mp4", crf=1)
+    with av.open(str(path)) as container:
+        ffmpeg = torch.stack(
+            [torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+        )
+    ours = read_mp4(path)
+    assert ours.shape == ffmpeg.shape == (3, 32, 48, 3)
+    assert (ours.int() - ffmpeg.int()).abs().max() <= 4  # swscale's integer path rounds down ~1 level
+    source = to_uint8_frames(video).int()
+    ours_err = (ours.int() - source).abs().float().mean()
+    ffmpeg_err = (ffmpeg.int() - source).abs().float().mean()
+    assert ours_err <= ffmpeg_err + 0.05, (ours_err, ffmpeg_err)  # at least as close to the frames

@@ -42,9 +42,33 @@ def test_t2v_checkpoint_where_i2v_is_needed(comfy_host, tiny):
     assert "T2V checkpoint (in_dim 16) but an I2V expert (in_dim 36) is required" in msg
 
 
+def rejected(host, graph: dict) -> dict:
+    """Run a graph that ComfyUI must refuse when it is queued; return its node_errors."""
+    run = host.run(graph, check=False)
+    assert not run.success and run.execution_error is None, run.error_message
+    return run.node_errors
+
+
 def test_missing_weights_file(comfy_host, tiny):
-    msg = failed(comfy_host, info(backbone(memento_low="backbone_missing.safetensors")))
-    assert "Memento file 'backbone_missing.safetensors' (memento_low) was not found" in msg
+    """Missing files are refused when the prompt is queued (ComfyUI 0.3.75 and 0.33 alike), with one error
+    on the loader naming every missing file, its widget and its folders; not ComfyUI's "Value not in list"."""
+    errors = rejected(comfy_host, info(backbone(memento_low="backbone_missing.safetensors")))
+    assert list(errors) == ["bb"]
+    (error,) = errors["bb"]["errors"]
+    msg = error["details"]
+    assert msg.startswith(
+        "Load Memento Backbone: the Memento file 'backbone_missing.safetensors' (memento_low)"
+    )
+    assert "was not found in" in msg and "memento" in msg and "loras" in msg
+    assert "Put the .safetensors file there" in msg
+    errors = rejected(
+        comfy_host, info(backbone(high_noise_model="gone.safetensors", lora_2="gone_lora.safetensors"))
+    )
+    (error,) = errors["bb"]["errors"]
+    lines = error["details"].splitlines()
+    assert len(lines) == 2 and "Value not in list" not in error["details"]
+    assert "model file 'gone.safetensors' (high_noise_model)" in lines[0] and "diffusion_models" in lines[0]
+    assert "LoRA file 'gone_lora.safetensors' (lora_2)" in lines[1] and "loras" in lines[1]
 
 
 def test_fp8_stores_block_weights_in_fp8(comfy_host, tiny):
@@ -239,3 +263,57 @@ def test_wrong_socket_values_are_named(comfy_host, tiny):
     mem = comfy_host.pack_submodule("nodes.memory_nodes")
     with pytest.raises(ValueError, match="the 'memory' input is not a memory bank"):
         mem.MementoUpdateMemory.execute(memory=torch.zeros(1), vae=None, prompt="")
+
+
+def test_more_reference_inputs_are_pinned_in_order_and_must_match_in_size(comfy_host, tiny):
+    """reference_images_2..4 (instead of a core Batch Images node) are pinned after the first input's
+    frames, in input order: each frame equals the same image encoded alone; a size mismatch is named."""
+    from memento_core.memory import load_bank
+
+    def image(color: int, width: int = W) -> dict:
+        inputs = {"width": width, "height": H, "batch_size": 1, "color": color}
+        return {"class_type": "EmptyImage", "inputs": inputs}
+
+    def saved_latents(refs: dict[str, str], prefix: str, **images: dict) -> list[torch.Tensor]:
+        inputs = {"policy": "memento", "capacity": 8, "vae": ["vae", 0]}
+        inputs |= {name: [source, 0] for name, source in refs.items()}
+        graph = {
+            **images,
+            "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
+            "bank": {"class_type": "MementoMemoryBank", "inputs": inputs},
+            "save": {
+                "class_type": "MementoSaveMemoryBank",
+                "inputs": {"memory_bank": ["bank", 0], "filename_prefix": prefix},
+            },
+        }
+        bank = load_bank(comfy_host.run(graph).ui_text("save").splitlines()[0])
+        assert all(f.source == "reference" for f in bank.frames())
+        return [f.latent for f in bank.frames()]
+
+    red, blue = image(0xFF0000), image(0x0000FF)
+    both = saved_latents(
+        {"reference_images": "red", "reference_images_3": "blue"}, "refs_both", red=red, blue=blue
+    )
+    (alone_red,) = saved_latents({"reference_images": "red"}, "refs_red", red=red)
+    (alone_blue,) = saved_latents({"reference_images": "blue"}, "refs_blue", blue=blue)
+    assert len(both) == 2 and not torch.equal(alone_red, alone_blue)
+    assert torch.equal(both[0], alone_red) and torch.equal(both[1], alone_blue)
+    graph = {
+        "red": red,
+        "blue": image(0x0000FF, width=W + 16),
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
+        "bank": {
+            "class_type": "MementoMemoryBank",
+            "inputs": {
+                "policy": "memento",
+                "capacity": 8,
+                "vae": ["vae", 0],
+                "reference_images": ["red", 0],
+                "reference_images_3": ["blue", 0],
+            },
+        },
+        "prev": {"class_type": "MementoMemoryPreview", "inputs": {"memory": ["bank", 0], "tile_height": 32}},
+        "out": {"class_type": "PreviewImage", "inputs": {"images": ["prev", 0]}},
+    }
+    msg = failed(comfy_host, graph)
+    assert f"reference_images_3 is {W + 16}x{H} but reference_images is {W}x{H}" in msg

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_nodes_errors import backbone, failed
+from test_nodes_errors import backbone, failed, rejected
 from test_nodes_graph import (
     FRAMES,
     NEGATIVE,
@@ -94,21 +94,12 @@ def expected(comfy_host, tiny):
 
 @pytest.fixture(scope="module")
 def rendered(comfy_host, tiny):
-    import comfy.utils
-
-    ticks: list[tuple[int, int]] = []
-    comfy.utils.set_progress_bar_global_hook(
-        lambda value, total, preview=None, node_id=None: ticks.append((value, total))
-    )
-    try:
-        result = comfy_host.run(render_graph("rs/full"))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-    return result, output_dir(comfy_host) / "rs" / "full", ticks
+    result = comfy_host.run(render_graph("rs/full"))
+    return result, output_dir(comfy_host) / "rs" / "full"
 
 
 def test_render_story_equals_render_shot(rendered, expected):
-    result, folder, ticks = rendered
+    result, folder = rendered
     records, banks, _ = expected
     latents = shot_latents(folder)
     assert len(latents) == 3
@@ -130,9 +121,6 @@ def test_render_story_equals_render_shot(rendered, expected):
     assert sorted(p.name for p in (folder / "shots").glob("*.mp4")) == ["01_01.mp4", "01_02.mp4", "01_03.mp4"]
     assert len(list((folder / "memory").glob("*.png"))) == 3
     assert len(list((folder / "identity").glob("*.png"))) == 3
-    # one ComfyUI progress tick per sampling step over the whole story
-    values = [v for v, t in ticks if t == 3 * STEPS]
-    assert values[-1] == 3 * STEPS and set(range(1, 3 * STEPS + 1)) <= set(values)
     text = result.ui_text("render")
     assert "harbour: 3 shots (01_01 empty, 01_02 mi2v, 01_03 mi2v)" in text
 
@@ -140,7 +128,7 @@ def test_render_story_equals_render_shot(rendered, expected):
 def test_outputs_go_into_core_video_saving_and_bank_nodes(comfy_host, tiny, rendered):
     """Same inputs as the first render (resume: nothing to sample); VIDEO into core SaveVideo, the bank
     into Save Memory Bank, the folder as text."""
-    _, folder, _ = rendered
+    _, folder = rendered
     graph = render_graph("rs/full")
     graph["save_video"] = {
         "class_type": "SaveVideo",
@@ -164,13 +152,13 @@ def test_interrupted_render_resumes_to_the_same_frames(comfy_host, tiny, rendere
     import comfy.model_management as mm
     import comfy.utils
 
-    _, full, _ = rendered
+    _, full = rendered
     seen: list[int] = []
 
     def hook(value, total, preview=None, node_id=None):
         if total == 3 * STEPS:
             seen.append(value)
-            if value == STEPS + 1:  # the first step of shot 2
+            if value >= STEPS + 1:  # the first step of shot 2 (in process, the hook is the only tap)
                 mm.interrupt_current_processing(True)
 
     comfy.utils.set_progress_bar_global_hook(hook)
@@ -206,6 +194,14 @@ def test_bad_inputs_are_named(comfy_host, tiny):
     assert "'output_folder' '../outside' points outside ComfyUI's output folder" in msg
     msg = failed(comfy_host, render_graph("rs/t2v_missing", first_shot="t2v"))
     assert "first_shot 't2v' needs the Wan2.2 T2V experts" in msg
+    graph = render_graph(
+        "rs/t2v_gone", first_shot="t2v", t2v_high="gone_t2v.safetensors", t2v_low=TINY_FILES["t2v"]
+    )
+    errors = rejected(comfy_host, graph)  # refused when queued, by the pack, in 0.3.75 and 0.33 alike
+    (entry,) = errors.values()  # one error, on Render Story
+    (error,) = entry["errors"]
+    assert "T2V file 'gone_t2v.safetensors' (t2v_high)" in error["details"], error
+    assert "diffusion_models" in error["details"] and "Value not in list" not in json.dumps(errors)
     msg = failed(comfy_host, render_graph("rs/refs_missing", first_shot="reference images"))
     assert "needs the 'reference_images' input" in msg
     bad = dict(STORY, scenes=[{"scene_num": 1, "video_prompts": PROMPTS, "cut": [True, "no", True]}])

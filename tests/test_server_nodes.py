@@ -12,13 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
-from comfy_server import ComfyServer
-from test_example_workflows import NAMES, WORKFLOW_DIR, node_id, tiny_api, write_reference_images
-from tiny_comfy_models import TINY_FILES, install_tiny_models
+from comfy_server import ComfyPromptRejected, ComfyServer
+from test_example_workflows import (
+    NAMES,
+    load_script,
+    node_id,
+    template_path,
+    tiny_api,
+    write_reference_images,
+)
+from test_nodes_graph import STEPS, story_graph
+from test_render_story_node import render_graph
+from tiny_comfy_models import TINY_FILES, backbone_inputs, install_tiny_models
 from workflow_api import assert_valid_ui_workflow, input_defs, local_object_info, ui_to_api
 
 from memento_core.memory import load_bank
@@ -80,7 +90,7 @@ def server(comfy_server: ComfyServer, comfy_host) -> ComfyServer:
 
 def served_api(server: ComfyServer, info: dict[str, Any], name: str, tag: str, **kw: Any) -> dict:
     """The served example workflow, validated, converted (titles kept in _meta) and made tiny."""
-    workflow = server.workflow_template(PACK, name)
+    workflow = server.workflow_template(PACK, load_script().template_file(name))
     assert_valid_ui_workflow(workflow, info)
     return tiny_api(ui_to_api(workflow, info, meta=True), tag, **kw)
 
@@ -111,11 +121,12 @@ def test_object_info_lists_every_memento_node(server: ComfyServer, comfy_host) -
 
 def test_workflow_templates_lists_the_examples(server: ComfyServer) -> None:
     """GET /workflow_templates lists the three workflows under the pack folder; files and thumbnails."""
-    assert sorted(server.workflow_templates()[PACK]) == sorted(NAMES)
-    for name in NAMES:
-        served = server.workflow_template(PACK, name)
-        assert served == json.loads((WORKFLOW_DIR / f"{name}.json").read_text(encoding="utf-8"))
-        status, _ = server.request("GET", f"/api/workflow_templates/{PACK}/{name}.jpg")
+    files = {name: load_script().template_file(name) for name in NAMES}
+    assert sorted(server.workflow_templates()[PACK]) == sorted(files.values())
+    for name, stem in files.items():
+        served = server.workflow_template(PACK, stem)
+        assert served == json.loads(template_path(name).read_text(encoding="utf-8"))
+        status, _ = server.request("GET", f"/api/workflow_templates/{PACK}/{urllib.parse.quote(stem)}.jpg")
         assert status == 200
 
 
@@ -160,3 +171,62 @@ def test_story_workflow_runs_and_interrupt_keeps_the_saved_bank(server: ComfySer
     after = server.run(served_api(server, info, "storymem_continuation", "srv_next"), timeout=120)
     assert after.success, after.error_message
     assert sorted(p.name for p in bank_path.parent.glob("*.safetensors")) == [bank_path.name]
+
+
+def test_every_sampling_step_reaches_the_ui(server: ComfyServer) -> None:
+    """The websocket ``progress`` messages (and ``progress_state``) the browser gets: Generate Shot sends
+    every step 1..N of N, Render Story every step of the whole story (shots x steps), each naming the node.
+    ComfyUI 0.33's ProgressBar would drop updates less than 100 ms apart (tiny steps are faster)."""
+    steps = 8
+    graph = story_graph("srv_progress", 1)
+    graph["s1_gen"]["inputs"]["steps"] = steps
+    prompt_id = server.queue_prompt(graph)
+    server.wait_event("execution_success", prompt_id=prompt_id, timeout=120)
+    assert server.progress(prompt_id, "s1_gen") == [(k, steps) for k in range(1, steps + 1)]
+    running = {(v, m) for v, m, state in server.progress_state(prompt_id, "s1_gen") if state == "running"}
+    assert {(k, steps) for k in range(1, steps + 1)} <= running
+
+    prompt_id = server.queue_prompt(render_graph("srv_progress/render"))
+    server.wait_event("execution_success", prompt_id=prompt_id, timeout=180)
+    total = 3 * STEPS  # three shots
+    # 0 when shot 1 starts, then every step; a shot's start repeats the previous shot's last step: not resent
+    assert server.progress(prompt_id, "render") == [(k, total) for k in range(total + 1)]
+    running = {(v, m) for v, m, state in server.progress_state(prompt_id, "render") if state == "running"}
+    assert {(k, total) for k in range(1, total + 1)} <= running
+
+
+def test_missing_model_files_are_refused_when_queued(server: ComfyServer) -> None:
+    """POST /prompt answers 400 with the loader's own message (file, widget, folders) as the UI shows it,
+    once per node, on ComfyUI 0.3.75 and 0.33 alike, not ComfyUI's "Value not in list"."""
+    graph = {
+        "bb": {
+            "class_type": "MementoLoadBackbone",
+            "inputs": backbone_inputs(memento_low="gone.safetensors"),
+        },
+        "show": {"class_type": "PreviewAny", "inputs": {"source": ["bb", 1]}},
+    }
+    with pytest.raises(ComfyPromptRejected) as rejected:
+        server.queue_prompt(graph)
+    assert list(rejected.value.response["node_errors"]) == ["bb"]
+    (error,) = rejected.value.response["node_errors"]["bb"]["errors"]
+    assert error["type"] == "exception_during_inner_validation"  # raised: reported once (check_model_files)
+    details = error["details"]
+    assert details.startswith(
+        "Load Memento Backbone: the Memento file 'gone.safetensors' (memento_low) was not"
+    )
+    assert str(server.models_root / "loras") in details and "Put the .safetensors file there" in details
+    assert "Value not in list" not in str(rejected.value)
+
+    graph = {
+        "dit": {
+            "class_type": "MementoLoadDiT",
+            "inputs": {"model_name": "gone.safetensors", "weight_dtype": "fp32", "expected_kind": "any"},
+        },
+        "info": {"class_type": "MementoDiTInfo", "inputs": {"dit": ["dit", 0]}},
+    }
+    with pytest.raises(ComfyPromptRejected) as rejected:
+        server.queue_prompt(graph)
+    (error,) = rejected.value.response["node_errors"]["dit"]["errors"]
+    assert error["type"] == "custom_validation_failed" and error["extra_info"]["input_name"] == "model_name"
+    assert "Load Memento DiT: the model file 'gone.safetensors' was not found" in error["details"]
+    assert str(server.models_root / "diffusion_models") in error["details"]

@@ -11,7 +11,9 @@ import random
 from pathlib import Path
 
 import pytest
+from browser import find_chromium, open_frontend
 from comfy_host import ComfyHost
+from comfy_server import ComfyServer
 from workflow_api import (
     MODE_BYPASS,
     MODE_NEVER,
@@ -330,6 +332,114 @@ def test_widget_layout_follows_the_frontend() -> None:
     assert widget_values_by_name(OBJECT_INFO["KSamplerLike"], {"seed": 1, "junk": 2}) == {"seed": 1}
 
 
+def _dynamic(options: dict[str, dict], **extra: object) -> list:
+    """A V3 dynamic combo spec as /object_info reports it (ComfyUI 0.33+)."""
+    return [
+        "COMFY_DYNAMICCOMBO_V3",
+        {"options": [{"key": k, "inputs": v} for k, v in options.items()], **extra},
+    ]
+
+
+_ENCODING = _dynamic(
+    {
+        "auto": {"required": {}},
+        "re-encode": {
+            "required": {
+                "crf": ["FLOAT", {"default": 23.0, "min": 0.0, "max": 51.0}],
+                "color_space": ["COMBO", {"options": ["auto", "sRGB"], "default": "auto"}],
+            }
+        },
+    }
+)
+_CODEC = {"auto": {"required": {}}, "h264": {"required": {}, "optional": {"encoding": _ENCODING}}}
+
+#: ComfyUI 0.33's SaveVideo and CreateVideo (trimmed): ``format`` is a dynamic combo whose options add a
+#: ``codec`` dynamic combo (h264 adds an optional ``encoding`` one); the old top-level ``codec`` is kept as a
+#: hidden optional input; CreateVideo gained an optional ``bit_depth``.
+OBJECT_INFO_033 = {
+    "SaveVideo": _node(
+        {
+            "video": ["VIDEO"],
+            "filename_prefix": ["STRING", {"default": "video/ComfyUI"}],
+            "format": _dynamic(
+                {
+                    "auto": {"required": {"codec": _dynamic(_CODEC)}},
+                    "mp4": {"required": {"codec": _dynamic(_CODEC)}},
+                }
+            ),
+        },
+        ["VIDEO"],
+        optional={"codec": _dynamic(_CODEC, hidden=True)},
+        output_node=True,
+    ),
+    "CreateVideo": _node(
+        {"images": ["IMAGE"], "fps": ["FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0}]},
+        ["VIDEO"],
+        optional={"audio": ["AUDIO"], "bit_depth": _int(8, 8, 10)},
+    ),
+    "EmptyImage": OBJECT_INFO["EmptyImage"],
+}
+
+
+def test_dynamic_combos_follow_the_frontend() -> None:
+    """A dynamic combo's chosen option puts its inputs right after it (recursively); saved values are
+    assigned in order, each combo re-laid out before the next value, as LGraphNode.configure does. A
+    template saved on ComfyUI 0.3.75 (SaveVideo [prefix, format, codec], CreateVideo [fps]) maps to what the
+    0.33 frontend shows and queues; widgets of optional inputs a newer ComfyUI added keep their defaults."""
+    save = OBJECT_INFO_033["SaveVideo"]
+    assert widget_layout(save) == [
+        WidgetSlot("filename_prefix", "value"),
+        WidgetSlot("format", "value"),
+        WidgetSlot("format.codec", "value"),  # the first option ("auto") adds a codec, itself on "auto"
+        WidgetSlot("codec", "value"),  # hidden, but a widget the frontend saves and sends
+    ]
+    assert widget_values_by_name(save, ["shots/a", "mp4", "h264"]) == {
+        "filename_prefix": "shots/a",
+        "format": "mp4",
+        "format.codec": "h264",
+        "format.codec.encoding": "auto",  # added by h264, optional: its default
+        "codec": "auto",
+    }
+    saved_033 = ["shots/a", "mp4", "h264", "re-encode", 18.0, "sRGB", "auto"]
+    assert widget_values_by_name(save, saved_033) == {
+        "filename_prefix": "shots/a",
+        "format": "mp4",
+        "format.codec": "h264",
+        "format.codec.encoding": "re-encode",
+        "format.codec.encoding.crf": 18.0,
+        "format.codec.encoding.color_space": "sRGB",
+        "codec": "auto",
+    }
+    with pytest.raises(WorkflowError, match=r"1 widget values .* 4 widgets .*optional inputs"):
+        widget_values_by_name(save, ["shots/a"])  # format and format.codec are required
+    with pytest.raises(WorkflowError, match=r"8 widget values"):
+        widget_values_by_name(save, [*saved_033, "extra"])
+    assert widget_values_by_name(OBJECT_INFO_033["CreateVideo"], [16.0]) == {"fps": 16.0, "bit_depth": 8}
+
+    b = WorkflowBuilder(OBJECT_INFO_033)
+    image = b.node("EmptyImage", width=64, height=48)
+    video = b.node("CreateVideo", images=image, fps=16.0)
+    b.node("SaveVideo", video=video, filename_prefix="shots/a", format="mp4", **{"format.codec": "h264"})
+    workflow = b.build()
+    assert workflow["nodes"][2]["widgets_values"] == ["shots/a", "mp4", "h264", "auto", "auto"]
+    assert_valid_ui_workflow(workflow, OBJECT_INFO_033, check_combos=True)
+    api = ui_to_api(workflow, OBJECT_INFO_033)
+    assert api == b.expected_api()
+    assert api["3"]["inputs"] == {
+        "video": ["2", 0],
+        "filename_prefix": "shots/a",
+        "format": "mp4",
+        "format.codec": "h264",
+        "format.codec.encoding": "auto",
+        "codec": "auto",
+    }
+    old = copy.deepcopy(workflow)  # the same nodes as saved by the 0.3.75 frontend
+    old["nodes"][1]["widgets_values"] = [16.0]
+    old["nodes"][2]["widgets_values"] = ["shots/a", "mp4", "h264"]
+    assert validate_ui_workflow(old, OBJECT_INFO_033, check_combos=True) == []
+    assert ui_to_api(old, OBJECT_INFO_033) == api
+
+
 def test_dynamic_prompts_match_the_frontend() -> None:
     """Comments are stripped, single choices resolved, escapes kept literal, choices drawn from the rng."""
     assert process_dynamic_prompt("a cat /* hidden */ on a mat // note") == "a cat  on a mat "
@@ -540,3 +650,31 @@ def test_converted_dit_workflow_runs_in_process(comfy_host: ComfyHost, tmp_path:
     api = ui_to_api(workflow, info)
     assert api == b.expected_api()
     assert "kind: t2v" in comfy_host.run(api).ui_text("2")
+
+
+# -- the real frontend -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    find_chromium() is None, reason="Chromium and chromium-driver are not installed (scripts/bootstrap.sh)"
+)
+def test_every_template_converts_like_the_real_frontend(comfy_server: ComfyServer) -> None:
+    """Each shipped template opened in the server's own frontend (headless Chromium, app.loadGraphData):
+    ``app.graphToPrompt()`` queues exactly what :func:`ui_to_api` makes from the server's /object_info.
+    On ComfyUI 0.3.75 (frontend 1.32) and on 0.33 (1.49: SaveVideo's nested dynamic combos, CreateVideo's
+    new bit_depth) alike; the templates store SaveVideo as [prefix, format, codec], as 0.3.75 saves it."""
+    info = comfy_server.object_info()
+    files = sorted((Path(__file__).resolve().parents[1] / "example_workflows").glob("*.json"))
+    assert files
+    script = (
+        "const done = arguments[arguments.length - 1];"
+        "app.graphToPrompt().then((p) => done(p.output)).catch((e) => done(String(e)));"
+    )
+    with open_frontend(comfy_server) as page:
+        for path in files:
+            workflow = load_workflow(path)
+            page.load(workflow)
+            queued = page.js_async(script)
+            assert isinstance(queued, dict), queued
+            got = {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in queued.items()}
+            assert got == ui_to_api(workflow, info), path.name

@@ -1,13 +1,13 @@
 """ComfyUI workflows in both formats: UI (what the frontend saves, artists load) and API (``POST /prompt``).
 
-* :func:`ui_to_api` converts a UI-format workflow into the API prompt the frontend 1.32 (shipped with
-  ComfyUI 0.3.75) would queue, following its ``graphToPrompt`` (``src/utils/executionUtil.ts``) and
-  ``ExecutableNodeDTO.resolveInput``/``resolveOutput``: muted (mode 2) and bypassed (mode 4) nodes are
-  left out, a bypassed node passes its matching input through, ``Reroute`` is followed to its source,
-  a ``PrimitiveNode`` writes its value into the widget it feeds, notes are skipped, inputs that end at a
-  left-out node are dropped, widget values are mapped to input names from the node definitions
-  (``/object_info``), list values are wrapped as ``{"__value__": [...]}`` and ``dynamicPrompts`` strings
-  get their comments stripped and ``{a|b}`` choices resolved.
+* :func:`ui_to_api` converts a UI-format workflow into the API prompt the frontend (1.32, shipped with
+  ComfyUI 0.3.75; 1.49 with 0.33) would queue, following its ``graphToPrompt``
+  (``src/utils/executionUtil.ts``) and ``ExecutableNodeDTO.resolveInput``/``resolveOutput``: muted (mode 2)
+  and bypassed (mode 4) nodes are left out, a bypassed node passes its matching input through, ``Reroute``
+  is followed to its source, a ``PrimitiveNode`` writes its value into the widget it feeds, notes are
+  skipped, inputs that end at a left-out node are dropped, widget values are mapped to input names from the
+  node definitions (``/object_info``), list values are wrapped as ``{"__value__": [...]}`` and
+  ``dynamicPrompts`` strings get their comments stripped and ``{a|b}`` choices resolved.
 * :class:`WorkflowBuilder` writes UI-format workflows from a compact Python description (nodes, widget
   values, links, reroutes, primitives, notes, groups), laid out left to right, and also states the API
   prompt it means (:meth:`WorkflowBuilder.expected_api`), so a round trip can be checked.
@@ -25,6 +25,16 @@ is followed by one control widget ("fixed", "increment", "decrement", "randomize
 others (its saved value is "image"). Control, filter and upload widgets are saved in
 ``widgets_values`` but never sent to the server. Saved workflows drop widget input slots that are not
 linked, so ``inputs`` lists the socket inputs plus the linked widget inputs (``"widget": {"name": ...}``).
+
+Newer ComfyUI (0.33, frontend 1.49) adds the V3 dynamic combo (``COMFY_DYNAMICCOMBO_V3``, e.g. SaveVideo's
+``format``, whose options each add a ``codec`` dynamic combo): a combo widget of the option keys (first
+key by default), and the chosen option's inputs as widgets named ``<combo>.<input>`` right after it
+(``dynamicComboWidget``). ``LGraphNode.configure`` assigns ``widgets_values`` one by one and each combo
+re-lays out its widgets as soon as it is set (:func:`fill_widgets`), so a workflow saved by 0.3.75
+(SaveVideo ``[prefix, "mp4", "h264"]``) loads in 0.33 with ``format.codec`` = "h264" and the new widgets
+(``format.codec.encoding``, the hidden legacy ``codec``, CreateVideo's ``bit_depth``) on their defaults;
+the 0.33 frontend queues all of them. The converter takes the layout from whichever ``/object_info`` it is
+given, so it follows each ComfyUI's own frontend (tests/test_workflow_api.py checks both in Chromium).
 """
 
 from __future__ import annotations
@@ -52,10 +62,28 @@ MODE_BYPASS = 4  # not executed; its outputs pass the matching input through
 NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
 VIRTUAL_NODE_TYPES = frozenset({"Reroute", "PrimitiveNode", *NOTE_TYPES})
 
-#: Input types the frontend 1.32 builds a widget for (``ComfyWidgets`` in ``scripts/widgets.ts``).
+#: Input types the frontend 1.32 builds a widget for (``ComfyWidgets`` in ``scripts/widgets.ts``), plus
+#: the V3 dynamic combo of newer frontends.
 WIDGET_TYPES = frozenset(
-    {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO", "MARKDOWN", "COLOR", "TEXTAREA", "IMAGECOMPARE", "CHART"}
+    {
+        "INT",
+        "FLOAT",
+        "BOOLEAN",
+        "STRING",
+        "COMBO",
+        "MARKDOWN",
+        "COLOR",
+        "TEXTAREA",
+        "IMAGECOMPARE",
+        "CHART",
+        "COMFY_DYNAMICCOMBO_V3",
+    }
 )
+
+#: ``io.DynamicCombo`` (ComfyUI 0.33+, e.g. SaveVideo's ``format`` and ``codec``): a combo whose chosen
+#: option brings its own inputs, named ``<combo>.<input>``, placed right after it (recursively). ComfyUI
+#: 0.3.75 has none, so 0.3.75-era layouts are unchanged.
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
 
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 _UPLOAD_FLAGS = ("image_upload", "video_upload", "animated_image_upload")
@@ -73,12 +101,15 @@ class InputDef:
     """One input of a node definition, as the frontend sees it.
 
     Attributes:
-        name: input name (the key in the API prompt's ``inputs``).
-        type: ``"COMBO"`` for combos (list or V3 style), else the type string (``"INT"``, ``"IMAGE"``, ...).
+        name: input name (the key in the API prompt's ``inputs``; ``format.codec`` for an input of a
+            dynamic combo's option).
+        type: ``"COMBO"`` for combos (list, V3 style or dynamic), else the type string (``"INT"``, ...).
         options: the spec's option dict (``default``, ``min``, ``max``, ``options`` for combos, ...).
         optional: listed under ``optional``.
         widget: the frontend shows a widget for it (a value in ``widgets_values``); else a socket only.
         extra_widgets: widgets the frontend adds right after it: ``"control"`` and ``"filter"``.
+        choices: for a dynamic combo, option key -> the inputs that option adds (``{"required": {...},
+            "optional": {...}}``); None for every other input.
     """
 
     name: str
@@ -87,6 +118,12 @@ class InputDef:
     optional: bool
     widget: bool
     extra_widgets: tuple[str, ...] = ()
+    choices: Mapping[str, Mapping[str, Any]] | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        """A dynamic combo: its value decides which inputs follow it."""
+        return self.choices is not None
 
     @property
     def combo_options(self) -> list[Any]:
@@ -101,13 +138,32 @@ class InputDef:
             return self.combo_options[0] if self.combo_options else ""
         return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(self.type, "")
 
+    def children(self, key: Any, widget_types: frozenset[str] = WIDGET_TYPES) -> list[InputDef]:
+        """The inputs a dynamic combo adds for option ``key``, named ``<name>.<input>``: required, then
+        optional ones, like the frontend's ``dynamicComboWidget`` (none for an unknown key)."""
+        inputs = (self.choices or {}).get(key) if isinstance(key, str) else None
+        if not inputs:
+            return []
+        return [
+            _input_def(f"{self.name}.{name}", spec, section == "optional", widget_types)
+            for section in ("required", "optional")
+            for name, spec in (inputs.get(section) or {}).items()
+        ]
+
 
 def _input_def(name: str, spec: Any, optional: bool, widget_types: frozenset[str]) -> InputDef:
     if isinstance(spec, str):
         spec = [spec]
     kind, opts = spec[0], dict(spec[1]) if len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+    choices = None
     if isinstance(kind, list):
         kind, opts = "COMBO", {**opts, "options": list(kind)}
+    elif kind == DYNAMIC_COMBO:
+        # the frontend makes a COMBO widget of the option keys and ignores any default (first key)
+        choices = {str(o["key"]): dict(o.get("inputs") or {}) for o in opts.get("options", [])}
+        opts = {k: v for k, v in opts.items() if k != "default"} | {"options": list(choices)}
+        widget = DYNAMIC_COMBO in widget_types and not opts.get("forceInput", False)
+        return InputDef(name, "COMBO", opts, optional, widget, (), choices)
     kind = str(kind)
     widget_type = str(opts.get("widgetType") or kind)
     widget = widget_type in widget_types and not opts.get("forceInput", False)
@@ -122,7 +178,9 @@ def _input_def(name: str, spec: Any, optional: bool, widget_types: frozenset[str
 
 
 def input_defs(node_def: Mapping[str, Any], widget_types: frozenset[str] = WIDGET_TYPES) -> list[InputDef]:
-    """The node's inputs (hidden ones excluded) in the frontend's order: ``input_order``, required first."""
+    """The node's inputs (hidden ones excluded) in the frontend's order: ``input_order``, required first.
+
+    Inputs of dynamic combo options are not listed (see :meth:`InputDef.children`)."""
     sections = node_def.get("input") or {}
     order = node_def.get("input_order") or {}
     result: list[InputDef] = []
@@ -132,6 +190,33 @@ def input_defs(node_def: Mapping[str, Any], widget_types: frozenset[str] = WIDGE
             n for n in specs if n not in order.get(section, [])
         ]
         result.extend(_input_def(n, specs[n], section == "optional", widget_types) for n in names)
+    return result
+
+
+def all_input_defs(
+    node_def: Mapping[str, Any], widget_types: frozenset[str] = WIDGET_TYPES
+) -> dict[str, InputDef]:
+    """Every input the node can have by name: :func:`input_defs` plus the inputs of every option of its
+    dynamic combos (recursively)."""
+    result: dict[str, InputDef] = {}
+    pending = list(input_defs(node_def, widget_types))
+    while pending:
+        d = pending.pop(0)
+        result.setdefault(d.name, d)
+        for key in d.choices or {}:
+            pending.extend(d.children(key, widget_types))
+    return result
+
+
+def expand_inputs(
+    defs: Sequence[InputDef], pick: Any, widget_types: frozenset[str] = WIDGET_TYPES
+) -> list[InputDef]:
+    """``defs`` with each dynamic combo followed by the inputs of the option ``pick(combo)`` chooses."""
+    result: list[InputDef] = []
+    for d in defs:
+        result.append(d)
+        if d.dynamic:
+            result.extend(expand_inputs(d.children(pick(d), widget_types), pick, widget_types))
     return result
 
 
@@ -147,20 +232,34 @@ class WidgetSlot:
     kind: str
 
 
+def _slots(defs: Sequence[InputDef]) -> list[tuple[InputDef, str]]:
+    """The widgets of already expanded ``defs``: each value widget, then its control/filter widgets."""
+    slots: list[tuple[InputDef, str]] = []
+    for d in defs:
+        if d.widget:
+            slots.append((d, "value"))
+            slots.extend((d, extra) for extra in d.extra_widgets)
+    return slots
+
+
+def _layout(
+    node_def: Mapping[str, Any], pick: Any = None, widget_types: frozenset[str] = WIDGET_TYPES
+) -> list[tuple[InputDef, str]]:
+    """(input, kind) of each widget, dynamic combos set to ``pick(combo)`` (default: a fresh node's)."""
+    defs = input_defs(node_def, widget_types)
+    slots = _slots(expand_inputs(defs, pick or (lambda d: d.default()), widget_types))
+    upload = next((d for d in defs if not d.optional and d.type == "COMBO" and _is_upload(d)), None)
+    if upload is not None:
+        slots.append((upload, "upload"))
+    return slots
+
+
 def widget_layout(
     node_def: Mapping[str, Any], widget_types: frozenset[str] = WIDGET_TYPES
 ) -> list[WidgetSlot]:
-    """What each position of ``widgets_values`` holds for a node of this definition."""
-    slots: list[WidgetSlot] = []
-    defs = input_defs(node_def, widget_types)
-    for d in defs:
-        if d.widget:
-            slots.append(WidgetSlot(d.name, "value"))
-            slots.extend(WidgetSlot(d.name, extra) for extra in d.extra_widgets)
-    upload = next((d for d in defs if not d.optional and d.type == "COMBO" and _is_upload(d)), None)
-    if upload is not None:
-        slots.append(WidgetSlot(upload.name, "upload"))
-    return slots
+    """What each position of ``widgets_values`` holds for a fresh node of this definition (dynamic
+    combos on their first option)."""
+    return [WidgetSlot(d.name, kind) for d, kind in _layout(node_def, widget_types=widget_types)]
 
 
 def _is_upload(d: InputDef) -> bool:
@@ -172,6 +271,58 @@ def output_types(node_def: Mapping[str, Any]) -> list[str]:
     return ["COMBO" if isinstance(t, list) else str(t) for t in node_def.get("output", [])]
 
 
+def fill_widgets(
+    node_def: Mapping[str, Any], widgets_values: Sequence[Any]
+) -> tuple[list[tuple[InputDef, str]], int]:
+    """The frontend's ``LGraphNode.configure``: ``widgets_values`` are assigned to the node's widgets in
+    order; setting a dynamic combo replaces the widgets of its options by those of the chosen one, right
+    after it, before the next value is assigned. Returns the node's widgets afterwards and how many of
+    them got a saved value (the rest keep their defaults)."""
+    values = list(widgets_values)
+    slots = _layout(node_def)
+    index = 0
+    while index < len(slots) and index < len(values):
+        d, kind = slots[index]
+        if kind == "value" and d.dynamic:
+            prefix = d.name + "."
+            rest = [s for s in slots[index + 1 :] if not s[0].name.startswith(prefix)]
+            added = _slots(expand_inputs(d.children(values[index]), lambda c: c.default()))
+            slots = [*slots[: index + 1], *added, *rest]
+        index += 1
+    return slots, min(len(values), len(slots))
+
+
+def _widget_values(
+    node_def: Mapping[str, Any],
+    widgets_values: Sequence[Any] | Mapping[str, Any] | None,
+    strict: bool,
+    where: str,
+) -> tuple[dict[str, Any], dict[str, InputDef]]:
+    """:func:`widget_values_by_name` and the definitions of the widget inputs it names."""
+    if isinstance(widgets_values, Mapping):
+        named = dict(widgets_values)
+        slots = _layout(node_def, lambda d: named.get(d.name, d.default()))
+        defs = {d.name: d for d, kind in slots if kind == "value"}
+        return {k: v for k, v in named.items() if k in defs}, defs
+    values = list(widgets_values or [])
+    slots, filled = fill_widgets(node_def, values)
+    missing = [d for d, _kind in slots[filled:] if not d.optional]
+    if strict and (len(values) > len(slots) or missing):
+        expected = [d.name if kind == "value" else f"<{kind} of {d.name}>" for d, kind in slots]
+        note = " (only widgets of optional inputs may be left out at the end)" if missing else ""
+        raise WorkflowError(
+            f"{where}: {len(values)} widget values {values!r} but the definition has {len(slots)} widgets "
+            f"{expected}{note}"
+        )
+    result: dict[str, Any] = {}
+    defs: dict[str, InputDef] = {}
+    for i, (d, kind) in enumerate(slots):
+        if kind == "value":
+            result[d.name] = values[i] if i < len(values) else d.default()
+            defs[d.name] = d
+    return result, defs
+
+
 def widget_values_by_name(
     node_def: Mapping[str, Any],
     widgets_values: Sequence[Any] | Mapping[str, Any] | None,
@@ -179,31 +330,18 @@ def widget_values_by_name(
     strict: bool = True,
     where: str = "node",
 ) -> dict[str, Any]:
-    """Map a node's saved ``widgets_values`` to input names (value widgets only, in definition order).
+    """Map a node's saved ``widgets_values`` to input names (value widgets only, in widget order).
+
+    Values are assigned in order like the frontend does (:func:`fill_widgets`): missing ones keep their
+    defaults, extras are dropped.
 
     Args:
-        strict: the number of values must match the widget layout exactly; with False, values are
-            assigned in order like the frontend does (missing ones keep their defaults, extras are dropped).
+        strict: the values must fill the widget layout: not more values than widgets, and only widgets of
+            optional inputs may be left out at the end (inputs a newer ComfyUI added to a node: a
+            workflow saved with an older one lacks them, and the frontend keeps their defaults).
         where: names the node in error messages.
     """
-    layout = widget_layout(node_def)
-    if isinstance(widgets_values, Mapping):
-        names = {s.input for s in layout if s.kind == "value"}
-        return {k: v for k, v in widgets_values.items() if k in names}
-    values = list(widgets_values or [])
-    if strict and len(values) != len(layout):
-        expected = [f"{s.input}" if s.kind == "value" else f"<{s.kind} of {s.input}>" for s in layout]
-        raise WorkflowError(
-            f"{where}: {len(values)} widget values {values!r} but the definition has {len(layout)} widgets "
-            f"{expected}"
-        )
-    defs = {d.name: d for d in input_defs(node_def)}
-    result: dict[str, Any] = {}
-    for i, slot in enumerate(layout):
-        if slot.kind != "value":
-            continue
-        result[slot.input] = values[i] if i < len(values) else defs[slot.input].default()
-    return result
+    return _widget_values(node_def, widgets_values, strict, where)[0]
 
 
 def valid_connection(type_a: Any, type_b: Any) -> bool:
@@ -434,11 +572,8 @@ def ui_to_api(
         if node.get("type") in VIRTUAL_NODE_TYPES or mode in (MODE_NEVER, MODE_BYPASS):
             continue
         node_def = graph.node_def(node)
-        defs = {d.name: d for d in input_defs(node_def)}
         inputs: dict[str, Any] = {}
-        widgets = widget_values_by_name(
-            node_def, node.get("widgets_values"), strict=strict, where=graph.where(node)
-        )
+        widgets, defs = _widget_values(node_def, node.get("widgets_values"), strict, graph.where(node))
         for name, value in widgets.items():
             if defs[name].options.get("dynamicPrompts") and isinstance(value, str):
                 value = process_dynamic_prompt(value, rng)
@@ -529,11 +664,10 @@ def _check_widgets(
 ) -> list[str]:
     where = graph.where(node)
     try:
-        values = widget_values_by_name(node_def, node.get("widgets_values"), where=where)
+        values, defs = _widget_values(node_def, node.get("widgets_values"), True, where)
     except WorkflowError as exc:
         return [str(exc)]
     problems: list[str] = []
-    defs = {d.name: d for d in input_defs(node_def)}
     for name, value in values.items():
         d = defs[name]
         if d.type in ("INT", "FLOAT"):
@@ -556,12 +690,12 @@ def _check_widgets(
             and value not in d.combo_options
         ):
             problems.append(f"{where}: widget '{name}' = {value!r} is not one of {d.combo_options}")
-    layout = widget_layout(node_def)
     raw = node.get("widgets_values")
-    if isinstance(raw, list) and len(raw) == len(layout):
-        for slot, value in zip(layout, raw, strict=True):
-            if slot.kind == "control" and value not in (*CONTROL_VALUES, "increment-wrap"):
-                problems.append(f"{where}: control widget of '{slot.input}' has value {value!r}")
+    if isinstance(raw, list):
+        slots, filled = fill_widgets(node_def, raw)
+        for (d, kind), value in zip(slots[:filled], raw, strict=False):
+            if kind == "control" and value not in (*CONTROL_VALUES, "increment-wrap"):
+                problems.append(f"{where}: control widget of '{d.name}' has value {value!r}")
     return problems
 
 
@@ -768,7 +902,7 @@ class WorkflowBuilder:
             )
         if class_type not in self.object_info:
             raise WorkflowError(f"unknown node type '{class_type}'")
-        defs = {d.name: d for d in input_defs(self.object_info[class_type])}
+        defs = all_input_defs(self.object_info[class_type])  # inputs of dynamic combo options too
         unknown = sorted(set(values) - set(defs))
         if unknown:
             raise WorkflowError(f"{class_type} has no inputs {unknown}; it has {list(defs)}")
@@ -828,7 +962,7 @@ class WorkflowBuilder:
         for ref in self.refs:
             if ref.type in VIRTUAL_NODE_TYPES:
                 continue
-            defs = {d.name: d for d in input_defs(self.object_info[ref.type])}
+            defs = all_input_defs(self.object_info[ref.type])
             result.extend((ref, defs[name]) for name, value in ref.values.items() if value is prim)
         return result
 
@@ -838,7 +972,7 @@ class WorkflowBuilder:
             return [("", ref.values[""])]
         if ref.type in VIRTUAL_NODE_TYPES:
             return []
-        defs = input_defs(self.object_info[ref.type])
+        defs = self._defs(ref)
         linked = [
             d for d in defs if self._source(ref.values.get(d.name)) or _is_primitive(ref.values.get(d.name))
         ]
@@ -846,6 +980,21 @@ class WorkflowBuilder:
             (d.name, ref.values[d.name])
             for d in [*(d for d in linked if not d.widget), *(d for d in linked if d.widget)]
         ]
+
+    def _pick(self, ref: NodeRef) -> Any:
+        """The option each dynamic combo of ``ref`` is set to (its value; a linked one keeps its default)."""
+
+        def pick(d: InputDef) -> Any:
+            value = ref.values.get(d.name, d.default())
+            if _is_primitive(value):
+                return value.values["value"]
+            return d.default() if self._source(value) is not None else value
+
+        return pick
+
+    def _defs(self, ref: NodeRef) -> list[InputDef]:
+        """``ref``'s inputs in order, with the inputs its dynamic combos' chosen options add."""
+        return expand_inputs(input_defs(self.object_info[ref.type]), self._pick(ref))
 
     # -- output --------------------------------------------------------------------------------------
 
@@ -857,11 +1006,7 @@ class WorkflowBuilder:
             ref.id: self._outputs_skeleton(ref) for ref in self.refs
         }
         for ref in self.refs:
-            defs = (
-                {d.name: d for d in input_defs(self.object_info[ref.type])}
-                if ref.type not in VIRTUAL_NODE_TYPES
-                else {}
-            )
+            defs = {d.name: d for d in self._defs(ref)} if ref.type not in VIRTUAL_NODE_TYPES else {}
             entries = []
             if ref.type not in VIRTUAL_NODE_TYPES:
                 entries = [
@@ -963,22 +1108,18 @@ class WorkflowBuilder:
             if d.type == "COMBO":
                 return [value, ref.controls.get("value", "fixed"), ""]
             return [value]
-        node_def = self.object_info[ref.type]
-        defs = {d.name: d for d in input_defs(node_def)}
         values: list[Any] = []
-        for slot in widget_layout(node_def):
-            if slot.kind == "value":
-                given = ref.values.get(slot.input, defs[slot.input].default())
+        for d, kind in _layout(self.object_info[ref.type], self._pick(ref)):
+            if kind == "value":
+                given = ref.values.get(d.name, d.default())
                 if _is_primitive(given):
                     given = given.values["value"]
                 elif self._source(given) is not None:
-                    given = defs[
-                        slot.input
-                    ].default()  # a converted widget keeps a value the UI shows greyed out
+                    given = d.default()  # a converted widget keeps a value the UI shows greyed out
                 values.append(given)
-            elif slot.kind == "control":
-                values.append(ref.controls.get(slot.input, "fixed"))
-            elif slot.kind == "filter":
+            elif kind == "control":
+                values.append(ref.controls.get(d.name, "fixed"))
+            elif kind == "filter":
                 values.append("")
             else:
                 values.append("image")
@@ -1096,7 +1237,7 @@ class WorkflowBuilder:
                 out_type = want or self._output_type(ref, source.slot)
                 for name, value in self._links_in(ref):
                     up = self._source(value)
-                    d = {d.name: d for d in input_defs(self.object_info[ref.type])}[name]
+                    d = all_input_defs(self.object_info[ref.type])[name]
                     if up is not None and d.type == out_type:
                         return follow(up, out_type)
                 return None
@@ -1106,9 +1247,8 @@ class WorkflowBuilder:
 
         api: ApiPrompt = {}
         for ref in active.values():
-            node_def = self.object_info[ref.type]
             inputs: dict[str, Any] = {}
-            for d in input_defs(node_def):
+            for d in self._defs(ref):
                 value = ref.values.get(d.name, d.default() if d.widget else None)
                 if _is_primitive(value):
                     inputs[d.name] = _wrap(value.values["value"])
