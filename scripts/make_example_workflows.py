@@ -148,7 +148,7 @@ NODE_WIDTH = 340.0
 #: Wider nodes (long file names in combo widgets, long prompts) and fixed room for image previews
 #: (a preview drawn after a run fits inside the node instead of growing over its neighbours).
 NODE_SIZES: dict[str, tuple[float, float | None]] = {
-    "MementoLoadBackbone": (440.0, None),
+    "MementoLoadBackbone": (520.0, None),  # its widgets show whole file names
     "MementoRenderStory": (440.0, None),
     "CLIPLoader": (440.0, None),
     "VAELoader": (440.0, None),
