@@ -57,6 +57,7 @@ _YCBCR = torch.tensor(
     dtype=torch.float64,
 )
 _YCBCR_OFFSET = torch.tensor([16.0, 128.0, 128.0], dtype=torch.float64)
+_RGB_FROM_YCBCR = torch.linalg.inv(_YCBCR)
 
 
 def rgb_to_yuv420p(frames: Tensor) -> Tensor:
@@ -83,16 +84,13 @@ def yuv420p_to_rgb(planes: Tensor, height: int, width: int) -> Tensor:
     as the uninterrupted one's."""
     flat = planes.reshape(-1).to(torch.float64)
     n, c = height * width, (height // 2) * (width // 2)
+
+    def upsampled(plane: Tensor) -> Tensor:  # [H/2·W/2] -> [H, W]
+        return plane.reshape(height // 2, width // 2).repeat_interleave(2, 0).repeat_interleave(2, 1)
+
     y = flat[:n].reshape(height, width)
-    u = flat[n : n + c].reshape(height // 2, width // 2).repeat_interleave(2, 0).repeat_interleave(2, 1)
-    v = (
-        flat[n + c : n + 2 * c]
-        .reshape(height // 2, width // 2)
-        .repeat_interleave(2, 0)
-        .repeat_interleave(2, 1)
-    )
-    ycc = torch.stack([y, u, v], dim=-1) - _YCBCR_OFFSET
-    rgb = ycc @ torch.linalg.inv(_YCBCR).T
+    ycc = torch.stack([y, upsampled(flat[n : n + c]), upsampled(flat[n + c :])], dim=-1) - _YCBCR_OFFSET
+    rgb = ycc @ _RGB_FROM_YCBCR.T
     return rgb.round().clamp(0, 255).to(torch.uint8)
 
 

@@ -273,8 +273,6 @@ class Author:
             columns[-1].append(ref.id)
         place: dict[int, tuple[float, float]] = {}
         x, top, bottom = GROUP_PAD, GROUP_HEAD, 0.0
-        if lane.note is not None:
-            top += 0.0
         cols_x = []
         for column in columns:
             cols_x.append(x)

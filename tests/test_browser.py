@@ -118,8 +118,7 @@ def test_story_queued_from_the_page_reaches_its_preview(page: Frontend, server) 
     workflow = json.loads((WORKFLOW_DIR / f"{stem}.json").read_text(encoding="utf-8"))
     page.load(workflow)
     page.close_dialogs()
-    page.js("app.canvas.ds.scale = arguments[0]; app.canvas.ds.offset = arguments[1];",
-            workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"])  # fmt: skip
+    page.set_view(workflow["extra"]["ds"]["scale"], workflow["extra"]["ds"]["offset"])
     page.set_widgets(tiny_widgets(workflow))
     before = set(server.get_json("/history"))
     error = page.js_async(

@@ -274,10 +274,11 @@ def test_more_reference_inputs_are_pinned_in_order_and_must_match_in_size(comfy_
         inputs = {"width": width, "height": H, "batch_size": 1, "color": color}
         return {"class_type": "EmptyImage", "inputs": inputs}
 
-    def saved_latents(refs: dict[str, str], prefix: str, **images: dict) -> list[torch.Tensor]:
+    def bank_graph(refs: dict[str, str], prefix: str, **images: dict) -> dict:
+        """The images, a VAE, a Memory Bank with ``refs`` (input -> image node) and Save Memory Bank."""
         inputs = {"policy": "memento", "capacity": 8, "vae": ["vae", 0]}
         inputs |= {name: [source, 0] for name, source in refs.items()}
-        graph = {
+        return {
             **images,
             "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
             "bank": {"class_type": "MementoMemoryBank", "inputs": inputs},
@@ -286,6 +287,9 @@ def test_more_reference_inputs_are_pinned_in_order_and_must_match_in_size(comfy_
                 "inputs": {"memory_bank": ["bank", 0], "filename_prefix": prefix},
             },
         }
+
+    def saved_latents(refs: dict[str, str], prefix: str, **images: dict) -> list[torch.Tensor]:
+        graph = bank_graph(refs, prefix, **images)
         bank = load_bank(comfy_host.run(graph).ui_text("save").splitlines()[0])
         assert all(f.source == "reference" for f in bank.frames())
         return [f.latent for f in bank.frames()]
@@ -298,22 +302,9 @@ def test_more_reference_inputs_are_pinned_in_order_and_must_match_in_size(comfy_
     (alone_blue,) = saved_latents({"reference_images": "blue"}, "refs_blue", blue=blue)
     assert len(both) == 2 and not torch.equal(alone_red, alone_blue)
     assert torch.equal(both[0], alone_red) and torch.equal(both[1], alone_blue)
-    graph = {
-        "red": red,
-        "blue": image(0x0000FF, width=W + 16),
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FILES["vae"]}},
-        "bank": {
-            "class_type": "MementoMemoryBank",
-            "inputs": {
-                "policy": "memento",
-                "capacity": 8,
-                "vae": ["vae", 0],
-                "reference_images": ["red", 0],
-                "reference_images_3": ["blue", 0],
-            },
-        },
-        "prev": {"class_type": "MementoMemoryPreview", "inputs": {"memory": ["bank", 0], "tile_height": 32}},
-        "out": {"class_type": "PreviewImage", "inputs": {"images": ["prev", 0]}},
-    }
+    wide_blue = image(0x0000FF, width=W + 16)
+    graph = bank_graph(
+        {"reference_images": "red", "reference_images_3": "blue"}, "refs_bad", red=red, blue=wide_blue
+    )
     msg = failed(comfy_host, graph)
     assert f"reference_images_3 is {W + 16}x{H} but reference_images is {W}x{H}" in msg
