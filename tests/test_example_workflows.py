@@ -386,3 +386,24 @@ def test_camera_story_workflow_runs(comfy_host, object_info, tiny) -> None:
     assert last["camera"] == [{"x": 0.5, "z": 0.5, "yaw": 5.0, "fov": 60.0}]
     assert len(list((folder / "memory").glob("*_cameras.png"))) == 6
     assert read_mp4(video).shape[0] == 6 * FRAMES
+
+
+def test_summary_nodes_agree_with_the_frontend_script_and_the_nodes() -> None:
+    """The nodes that get a summary box: web/memento.js adds it, the template layout reserves room for
+    it (SUMMARY_NODES), and they are exactly the pack's nodes whose execute returns ui.PreviewText."""
+    import ast
+    import re
+
+    js = (REPO_ROOT / "web" / "memento.js").read_text(encoding="utf-8")
+    block = re.search(r"SUMMARY_NODES = new Set\(\[(.*?)\]\)", js, re.S)
+    assert block is not None
+    in_js = set(re.findall(r'"(Memento\w+)"', block.group(1)))
+    returning_text = set()
+    for path in (REPO_ROOT / "nodes").glob("*.py"):
+        source = path.read_text(encoding="utf-8")
+        for cls in (n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef)):
+            body = ast.get_source_segment(source, cls) or ""
+            node_id = re.search(r'node_id="(\w+)"', body)
+            if node_id and "ui.PreviewText(" in body:
+                returning_text.add(node_id.group(1))
+    assert in_js == set(load_script().SUMMARY_NODES) == returning_text
